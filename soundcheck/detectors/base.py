@@ -1,0 +1,111 @@
+"""What every stream detector shares: the anomaly record and bounded per-entity state."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Generic, Hashable, Iterator, Optional, TypeVar
+
+import orjson
+
+from .baseline import Signal
+
+T = TypeVar("T")
+
+
+@dataclass(slots=True)
+class Anomaly:
+    """One detector's finding on one entity over one event-time window (or one evaluation).
+
+    ``node`` names the service-dependency-map node the finding points at; ``region`` is the
+    correlation scope and the key of the internal anomalies topic.
+    """
+
+    kind: str
+    detector: str
+    entity: dict[str, str]
+    region: str
+    node: str
+    signals: list[Signal]
+    score: float
+    event_time: int
+    window_start: int
+    source_topic: str
+    sampled_users: int = 0
+    samples: int = 0
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> bytes:
+        d = {k: getattr(self, k) for k in self.__slots__ if k != "signals"}
+        d["signals"] = [s.to_dict() for s in self.signals]
+        return orjson.dumps(d)
+
+    @classmethod
+    def from_json(cls, raw: bytes | dict) -> "Anomaly":
+        d = orjson.loads(raw) if isinstance(raw, (bytes, bytearray, str)) else dict(raw)
+        d["signals"] = [Signal(**s) for s in d.get("signals", [])]
+        return cls(**d)
+
+
+class EntityStore(Generic[T]):
+    """Per-entity state, bounded: least recently seen entities go first past ``max_entries``,
+    and entities idle for ``idle_ms`` of event time are dropped by :meth:`expire`.
+
+    >>> s = EntityStore(lambda: [], max_entries=2, idle_ms=100)
+    >>> _ = s.get("a", 0); _ = s.get("b", 50); _ = s.get("c", 60)
+    >>> list(s.keys()), s.evicted
+    (['b', 'c'], 1)
+    >>> s.expire(155), list(s.keys())
+    (1, ['c'])
+    """
+
+    def __init__(self, factory: Callable[[], T], max_entries: int, idle_ms: int) -> None:
+        self._factory = factory
+        self._items: OrderedDict[Hashable, tuple[int, T]] = OrderedDict()
+        self.max_entries = max_entries
+        self.idle_ms = idle_ms
+        self.evicted = 0
+
+    def get(self, key: Hashable, ts: int) -> T:
+        item = self._items.get(key)
+        if item is None:
+            value = self._factory()
+            if len(self._items) >= self.max_entries:
+                self._items.popitem(last=False)
+                self.evicted += 1
+        else:
+            value = item[1]
+            self._items.move_to_end(key)
+        self._items[key] = (ts, value)
+        return value
+
+    def peek(self, key: Hashable) -> Optional[T]:
+        item = self._items.get(key)
+        return item[1] if item else None
+
+    def expire(self, now_ms: int) -> int:
+        """Drop entities not seen for ``idle_ms``; returns how many went."""
+        limit = now_ms - self.idle_ms
+        gone = 0
+        while self._items:
+            key, (ts, _) = next(iter(self._items.items()))
+            if ts >= limit:
+                break
+            del self._items[key]
+            gone += 1
+        return gone
+
+    def keys(self) -> Iterator[Hashable]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def anomaly_score(signals: list[Signal], z_threshold: float) -> float:
+    """A finding's score in [0, 1]: 0.5 at the threshold, towards 1 far past it; 0.8 for a limit alone."""
+    best = 0.0
+    for s in signals:
+        z = s.score / (2.0 * z_threshold)
+        best = max(best, min(1.0, z), 0.8 if s.limit is not None else 0.0)
+    return round(best, 3)

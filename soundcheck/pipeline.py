@@ -1,0 +1,106 @@
+"""The worker's processing, free of Faust and Kafka: decode, detect, alert.
+
+The Faust agents are thin wiring around :class:`StreamProcessor` (one per input stream) and
+:func:`soundcheck.alerting.alert_step`; :class:`OfflinePipeline` runs the very same code over
+a simulator run without a broker (tests, evaluation, benchmarks).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Optional
+
+from .alerting import ServiceGraph, alert_step
+from .contracts import Contract, Rejection, load_contracts
+from .detectors.base import Anomaly
+from .detectors.behavior import BehaviorRateDetector, FraudDetector
+from .detectors.quality import AudioQualityDetector
+from .detectors.system import SystemMetricsDetector
+from .settings import Settings
+
+STREAMS = ("audio", "behavior", "system")
+
+
+def make_detectors(settings: Settings, stream: str) -> list[Any]:
+    topic = settings.topics.inputs()[stream]
+    if stream == "audio":
+        return [AudioQualityDetector(settings, topic)]
+    if stream == "behavior":
+        return [BehaviorRateDetector(settings, topic), FraudDetector(settings, topic)]
+    if stream == "system":
+        return [SystemMetricsDetector(settings, topic)]
+    raise ValueError(f"unknown stream {stream!r}; expected one of {STREAMS}")
+
+
+@dataclass
+class StreamProcessor:
+    """Decode and detect for one input stream (named ``stream``); keeps its detectors' state."""
+
+    stream: str
+    settings: Settings
+    contract: Contract
+    detectors: list[Any] = field(default_factory=list)
+
+    @classmethod
+    def create(cls, settings: Settings, stream: str, contracts: Optional[dict[str, Contract]] = None) -> "StreamProcessor":
+        contracts = contracts or load_contracts()
+        return cls(stream, settings, contracts[stream], make_detectors(settings, stream))
+
+    def decode(self, value: Optional[bytes], now_ms: Optional[int] = None) -> tuple[list[Any], list[Rejection]]:
+        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+        return self.contract.decode(value, now_ms=now_ms, max_future_ms=int(self.settings.worker.max_future_skew_s * 1000))
+
+    def detect(self, records: list[Any]) -> list[Anomaly]:
+        out: list[Anomaly] = []
+        for det in self.detectors:
+            out.extend(det.process(records))
+        return out
+
+    @property
+    def late_events(self) -> int:
+        return sum(getattr(getattr(d, "windows", None), "late_events", 0) for d in self.detectors)
+
+
+@dataclass
+class OfflinePipeline:
+    """The whole worker in one process, with dicts for the Faust tables."""
+
+    settings: Settings
+    processors: dict[str, StreamProcessor] = field(default_factory=dict)
+    dedup: dict[str, dict] = field(default_factory=dict)
+    regions: dict[str, dict] = field(default_factory=dict)
+    anomalies: list[Anomaly] = field(default_factory=list)
+    alerts: list[dict] = field(default_factory=list)
+    rejections: list[tuple[str, Rejection]] = field(default_factory=list)
+    events_in: dict[str, int] = field(default_factory=lambda: {s: 0 for s in STREAMS})
+
+    def __post_init__(self) -> None:
+        contracts = load_contracts()
+        self.graph = ServiceGraph(self.settings.services)
+        for s in STREAMS:
+            self.processors.setdefault(s, StreamProcessor.create(self.settings, s, contracts))
+
+    def feed(self, stream: str, values: Iterable[bytes], now_ms: Optional[int] = None) -> list[dict]:
+        proc = self.processors[stream]
+        records: list[Any] = []
+        for v in values:
+            recs, bad = proc.decode(v, now_ms)
+            records.extend(recs)
+            self.rejections.extend((stream, r) for r in bad)
+        self.events_in[stream] += len(records)
+        new = []
+        for a in proc.detect(records):
+            self.anomalies.append(a)
+            alert = self.alert(a)
+            if alert is not None:
+                new.append(alert)
+        return new
+
+    def alert(self, anomaly: Anomaly) -> Optional[dict]:
+        fp, d, r, alert = alert_step(anomaly, self.dedup.get, self.regions.get(anomaly.region), self.settings, self.graph, anomaly.event_time)
+        self.dedup[fp] = d
+        self.regions[anomaly.region] = r
+        if alert is not None:
+            self.alerts.append(alert)
+        return alert
