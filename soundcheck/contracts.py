@@ -30,7 +30,7 @@ import orjson
 SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
 
 #: The ways a record can be rejected; bounded, so they can be metric labels.
-REJECTION_KINDS = ("invalid_json", "not_an_object", "schema", "impossible_value", "future_ts")
+REJECTION_KINDS = ("invalid_json", "not_an_object", "schema", "impossible_value", "future_ts", "processing_error")
 
 _IGNORED = {"$schema", "$id", "title", "description", "examples", "$comment"}
 _TYPES: dict[str, Callable[[Any], bool]] = {

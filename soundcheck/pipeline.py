@@ -57,6 +57,19 @@ class StreamProcessor:
             out.extend(det.process(records))
         return out
 
+    def flush(self) -> list[Anomaly]:
+        """Close every open window now (the stream went quiet) and return what they found."""
+        out: list[Anomaly] = []
+        for det in self.detectors:
+            flush = getattr(det, "flush", None)
+            if flush is not None:
+                out.extend(flush())
+        return out
+
+    @property
+    def open_windows(self) -> int:
+        return sum(d.windows.open_count for d in self.detectors if hasattr(d, "windows"))
+
     @property
     def late_events(self) -> int:
         return sum(getattr(getattr(d, "windows", None), "late_events", 0) for d in self.detectors)

@@ -31,6 +31,8 @@ import yaml
 
 ENVIRONMENTS = ("development", "staging", "production")
 PROJECT_CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
+#: used outside production when SOUNDCHECK_PSEUDONYM_KEY is unset: stable, but not secret
+DEVELOPMENT_PSEUDONYM_KEY = b"soundcheck-development-key"
 
 
 class SettingsError(ValueError):
@@ -236,4 +238,8 @@ def load_settings(
     if overrides:
         _merge(raw, overrides)
     key = environ.get("SOUNDCHECK_PSEUDONYM_KEY", "").encode()
+    if not key and raw.get("privacy", {}).get("pseudonymize_user_ids", True):
+        if env == "production":
+            raise SettingsError("SOUNDCHECK_PSEUDONYM_KEY must be set in production (user ids in alerts are keyed hashes)")
+        key = DEVELOPMENT_PSEUDONYM_KEY
     return _build(raw, env, key)

@@ -1,0 +1,1 @@
+"""The Faust application: built by :func:`streams.app.create_app` from one settings object."""

@@ -76,9 +76,13 @@ class BehaviorRateDetector:
             self.windows.add_batch([r.country for r in records], ts, onehot, [r.user_id for r in records])
         return self._evaluate()
 
-    def _evaluate(self) -> list[Anomaly]:
+    def flush(self) -> list[Anomaly]:
+        """Close all open windows (the stream went quiet); later events for them count as late."""
+        return self._evaluate(self.windows.max_ts + self.windows.size_ms + self.windows.lateness_ms)
+
+    def _evaluate(self, now_ms: int | None = None) -> list[Anomaly]:
         out: list[Anomaly] = []
-        closed = self.windows.advance()
+        closed = self.windows.advance(now_ms)
         for agg in closed:
             region = agg.key
             # rates over a sliding span of the last few windows: rare events need the counts

@@ -109,9 +109,13 @@ class AudioQualityDetector:
                 self.windows.add_batch(keys, ts, values, users)
         return self._evaluate()
 
-    def _evaluate(self) -> list[Anomaly]:
+    def flush(self) -> list[Anomaly]:
+        """Close all open windows (the stream went quiet); later events for them count as late."""
+        return self._evaluate(self.windows.max_ts + self.windows.size_ms + self.windows.lateness_ms)
+
+    def _evaluate(self, now_ms: int | None = None) -> list[Anomaly]:
         out: list[Anomaly] = []
-        closed = self.windows.advance()
+        closed = self.windows.advance(now_ms)
         for agg in closed:
             if agg.count < self.min_events:
                 continue

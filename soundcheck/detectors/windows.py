@@ -14,7 +14,7 @@ already closed are counted as late and left out.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Hashable, Iterable, Optional, Sequence
+from typing import Any, Hashable, Optional, Sequence
 
 import numpy as np
 
@@ -113,5 +113,7 @@ class TumblingAggregator:
         out.sort(key=lambda a: a.start)
         return out
 
-    def open_keys(self) -> Iterable[Hashable]:
-        return {k for (_, k) in self._open}
+    @property
+    def open_count(self) -> int:
+        """Windows still open."""
+        return len(self._open)

@@ -1,0 +1,25 @@
+"""``/metrics`` (Prometheus exposition) and ``/health`` on the worker's Faust web server."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import faust
+from prometheus_client import CONTENT_TYPE_LATEST
+
+
+def register(app: faust.App, ctx: Any) -> None:
+    @app.page("/metrics")
+    async def metrics(web: faust.web.View, request: faust.web.Request) -> faust.web.Response:
+        return web.bytes(ctx.metrics.exposition(), content_type=CONTENT_TYPE_LATEST.split(";")[0])
+
+    @app.page("/health")
+    async def health(web: faust.web.View, request: faust.web.Request) -> faust.web.Response:
+        assigned = app.consumer.assignment() if app.consumer else set()
+        body = {
+            "status": "ok",
+            "app_id": ctx.settings.kafka.app_id,
+            "assigned_partitions": len(assigned),
+            "rebalancing": bool(app.rebalancing),
+        }
+        return web.json(body)

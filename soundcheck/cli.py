@@ -1,0 +1,118 @@
+"""The ``soundcheck`` command: worker, kafka, simulate, demo, bench."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+import orjson
+
+from . import kafka_local
+from .settings import SettingsError, load_settings
+
+
+def _settings(args: argparse.Namespace):
+    return load_settings(getattr(args, "env", None))
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    import faust
+
+    from streams.app import create_app
+
+    from .kafka_admin import ensure_topics
+
+    from .settings import DEVELOPMENT_PSEUDONYM_KEY
+
+    settings = _settings(args)
+    if settings.pseudonym_key == DEVELOPMENT_PSEUDONYM_KEY:
+        print("soundcheck worker: SOUNDCHECK_PSEUDONYM_KEY is not set; user ids are hashed with a development key",
+              file=sys.stderr)
+    try:
+        created = ensure_topics(settings)
+    except Exception as exc:
+        print(f"soundcheck worker: cannot reach Kafka at {settings.kafka.bootstrap_servers}: {type(exc).__name__}: {exc}\n"
+              "  start a local broker with 'soundcheck kafka start' or set KAFKA_BOOTSTRAP_SERVERS", file=sys.stderr)
+        return 2
+    if created:
+        print(f"soundcheck worker: created topics {', '.join(created)}", file=sys.stderr)
+    app, _ = create_app(settings)
+    level = {"warn": "warn", "warning": "warn", "info": "info", "debug": "debug", "error": "error"}.get(settings.worker.log_level, "info")
+    worker = faust.Worker(app, loglevel=level, quiet=True)
+    worker.execute_from_commandline()
+    return 0
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    import time
+
+    from .kafka_admin import ensure_topics
+    from .produce import produce, stderr_progress
+    from .simulator import Simulator
+
+    settings = _settings(args)
+    start_ms = int(time.time() * 1000) if args.realtime else (int(time.time()) - args.duration - 60) * 1000
+    sim = Simulator(seed=args.seed, rate=args.rate, duration_s=args.duration, start_ms=start_ms, magnitude=args.magnitude)
+    ensure_topics(settings)
+    truth = asyncio.run(produce(sim, settings, batch=args.batch, realtime=args.realtime, progress=None if args.quiet else stderr_progress()))
+    if args.truth:
+        Path(args.truth).write_bytes(orjson.dumps(truth, option=orjson.OPT_INDENT_2))
+        print(f"simulate: ground truth written to {args.truth}", file=sys.stderr)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(_settings(args), rate=args.rate, duration_s=args.duration, seed=args.seed, batch=args.batch)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="soundcheck", description="Real-time alerting for music-streaming telemetry on Kafka.")
+    p.add_argument("--env", choices=("development", "staging", "production"), help="config/<env>.yaml (default: $SOUNDCHECK_ENV or development)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    w = sub.add_parser("worker", help="run one worker of the consumer group (KAFKA_BOOTSTRAP_SERVERS, default: the local broker)")
+    w.set_defaults(func=cmd_worker)
+
+    s = sub.add_parser("simulate", help="produce realistic traffic with injected incidents to the input topics")
+    s.add_argument("--rate", type=float, default=200.0, help="events per second of event time (default 200)")
+    s.add_argument("--duration", type=int, default=900, help="seconds of event time (default 900)")
+    s.add_argument("--seed", type=int, default=7)
+    s.add_argument("--magnitude", type=float, default=1.0, help="scale of the injected incidents (default 1)")
+    s.add_argument("--batch", type=int, default=100, help="records per Kafka message; 1 = one JSON object per message")
+    s.add_argument("--realtime", type=float, default=0.0, help="simulated seconds per wall second (default 0: as fast as possible)")
+    s.add_argument("--truth", help="write the ground truth (what was injected, where, when) to this JSON file")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=cmd_simulate)
+
+    d = sub.add_parser("demo", help="local broker + worker + incident scenario; alerts live, then a summary")
+    d.add_argument("--rate", type=float, default=200.0)
+    d.add_argument("--duration", type=int, default=900)
+    d.add_argument("--seed", type=int, default=7)
+    d.add_argument("--batch", type=int, default=100)
+    d.set_defaults(func=cmd_demo)
+
+    b = sub.add_parser("bench", help="throughput of one worker on single-record and batched messages vs a bare aiokafka consumer")
+    b.add_argument("--events", type=int, default=100_000)
+    b.add_argument("--runs", type=int, default=3)
+    b.set_defaults(func=lambda a: __import__("benchmarks.throughput", fromlist=["main"]).main(a))
+
+    kafka_local.add_cli(sub)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except SettingsError as exc:
+        print(f"soundcheck: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,75 @@
+"""Score alerts against a simulator's ground truth: which injected incidents were found, how
+fast, with which priority; which alerts matched nothing; pages during the benign surge.
+
+An alert matches an injected incident when it fired inside the incident (from its start to
+``grace_s`` after its end) and its entity holds every label of one of the incident's expected
+entities (user ids pseudonymised the way the worker does).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping
+
+from .alerting import public_entity
+from .settings import Settings
+
+PAGING = ("P0", "P1")
+
+
+def _matches(alert: Mapping[str, Any], sc: Mapping[str, Any], expected: list[dict[str, str]], grace_ms: int) -> bool:
+    if not (sc["start_ms"] <= alert["event_time"] <= sc["end_ms"] + grace_ms):
+        return False
+    entity = alert["entity"]
+    return any(all(entity.get(k) == v for k, v in exp.items()) for exp in expected)
+
+
+def evaluate(alerts: Iterable[Mapping[str, Any]], truth: Mapping[str, Any], settings: Settings, grace_s: int = 120) -> dict[str, Any]:
+    alerts = [a for a in alerts if a.get("status", "firing") == "firing"]
+    grace = grace_s * 1000
+    scenarios = []
+    matched_ids: set[str] = set()
+    for sc in truth["scenarios"]:
+        if sc["name"] == "malformed_slice":
+            continue
+        expected = [public_entity(e, settings) for e in sc["expect"]]
+        row: dict[str, Any] = {"name": sc["name"], "region": sc["region"], "expected_priority": sc.get("expected_priority")}
+        if sc.get("must_not_page"):
+            pages = [
+                a for a in alerts
+                if sc["start_ms"] <= a["event_time"] <= sc["end_ms"] and a["priority"] in PAGING
+                and a["entity"].get("region") == sc["region"]
+            ]
+            row.update({"must_not_page": True, "pages": len(pages), "ok": not pages})
+        else:
+            hits = sorted((a for a in alerts if _matches(a, sc, expected, grace)), key=lambda a: a["event_time"])
+            matched_ids.update(a["alert_id"] for a in hits)
+            first = hits[0] if hits else None
+            row.update({
+                "found": bool(hits),
+                "notifications": len(hits),
+                "delay_s": round((first["event_time"] - sc["start_ms"]) / 1000, 1) if first else None,
+                "priority": first["priority"] if first else None,
+                "severity": max((a["severity"] for a in hits), key=_sev_rank) if hits else None,
+                "ok": bool(hits),
+            })
+        scenarios.append(row)
+    injected = [r for r in scenarios if not r.get("must_not_page")]
+    # alerts in the same region and window as an incident count as its symptoms, not as noise
+    related = {
+        a["alert_id"] for a in alerts for sc in truth["scenarios"]
+        if sc["region"] and sc["start_ms"] <= a["event_time"] <= sc["end_ms"] + grace
+        and sc["region"] in (a["entity"].get("region"), a["entity"].get("country"), (a.get("root_cause") or {}).get("entity", {}).get("region"))
+    }
+    unmatched = [a for a in alerts if a["alert_id"] not in matched_ids and a["alert_id"] not in related and a["severity"] != "info"]
+    return {
+        "injected": len(injected),
+        "found": sum(1 for r in injected if r["found"]),
+        "alerts": len(alerts),
+        "unmatched_alerts": len(unmatched),
+        "benign_pages": sum(r["pages"] for r in scenarios if r.get("must_not_page")),
+        "scenarios": scenarios,
+    }
+
+
+def _sev_rank(s: str) -> int:
+    return ("info", "low", "medium", "high", "critical").index(s)

@@ -1,0 +1,71 @@
+"""The worker's Prometheus metrics: one typed container built against a registry passed in.
+
+Labels are few and bounded (topic, reason, detector, severity, stream), never an entity id.
+
+>>> from prometheus_client import CollectorRegistry
+>>> m = WorkerMetrics(CollectorRegistry())
+>>> m.events_in.labels(topic="audio_quality_metrics").inc(3)
+>>> m.value("soundcheck_events_in_total", topic="audio_quality_metrics")
+3.0
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class WorkerMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.messages_in = Counter(
+            "soundcheck_messages_in", "Kafka messages read, by input topic", ["topic"], registry=registry
+        )
+        self.events_in = Counter(
+            "soundcheck_events_in", "Valid records read (a message may hold many), by input topic", ["topic"], registry=registry
+        )
+        self.dead_letters = Counter(
+            "soundcheck_dead_letters", "Records sent to the dead-letter topic, by source topic and reason",
+            ["topic", "reason"], registry=registry,
+        )
+        self.late_events = Gauge(
+            "soundcheck_late_events", "Records that arrived after their event-time window closed (left out of detection)",
+            ["stream"], registry=registry,
+        )
+        self.anomalies = Counter("soundcheck_anomalies", "Anomalies found, by detector", ["detector"], registry=registry)
+        self.anomalies_handled = Counter(
+            "soundcheck_anomalies_handled", "Anomalies through the alerting agent (alerted or folded into one)", registry=registry
+        )
+        self.open_windows = Gauge(
+            "soundcheck_open_windows", "Event-time windows still open (waiting for later events or the idle flush), by stream",
+            ["stream"], registry=registry,
+        )
+        self.alerts = Counter("soundcheck_alerts", "Alert notifications sent, by severity", ["severity"], registry=registry)
+        self.suppressed = Counter(
+            "soundcheck_alerts_suppressed", "Anomalies folded into an already notified alert (dedup), by severity",
+            ["severity"], registry=registry,
+        )
+        self.batch_seconds = Histogram(
+            "soundcheck_batch_processing_seconds", "Time to decode and detect one batch, by stream", ["stream"],
+            buckets=LATENCY_BUCKETS, registry=registry,
+        )
+        self.processing_latency = Histogram(
+            "soundcheck_processing_latency_seconds",
+            "From a message's Kafka timestamp to the end of its processing, by stream", ["stream"],
+            buckets=LATENCY_BUCKETS, registry=registry,
+        )
+        self.tracked_entities = Gauge(
+            "soundcheck_tracked_entities", "Entities with detector state in this worker, by detector", ["detector"], registry=registry
+        )
+
+    def value(self, name: str, **labels: str) -> float:
+        """The current value of one sample (for tests and the demo summary)."""
+        for suffix in ("_total", ""):
+            v = self.registry.get_sample_value(name if name.endswith("_total") else name + suffix, labels)
+            if v is not None:
+                return v
+        return 0.0
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

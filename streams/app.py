@@ -1,0 +1,88 @@
+"""The Faust app factory: topics, tables, agents and web pages, from one settings object.
+
+Nothing here runs at import time: ``create_app(settings)`` builds a fresh app each call (the
+CLI for the worker, tests for their own), and registers the agents of :mod:`agents`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import faust
+from prometheus_client import CollectorRegistry
+
+from soundcheck.alerting import ServiceGraph
+from soundcheck.contracts import Contract, load_contracts
+from soundcheck.metrics import WorkerMetrics
+from soundcheck.settings import Settings
+
+
+@dataclass
+class WorkerContext:
+    """What the agents share: settings, metrics, contracts and the app's topics."""
+
+    settings: Settings
+    metrics: WorkerMetrics
+    contracts: dict[str, Contract]
+    graph: ServiceGraph
+    topics: dict[str, Any] = field(default_factory=dict)  # faust topics by role
+    processors: dict[str, Any] = field(default_factory=dict)  # stream name -> StreamProcessor
+    ready: bool = False
+
+
+def broker_urls(bootstrap: str) -> list[str]:
+    return [f"kafka://{h.strip()}" for h in bootstrap.split(",") if h.strip()]
+
+
+def data_dir(settings: Settings) -> Path:
+    root = Path(os.environ.get("SOUNDCHECK_DATA_DIR") or Path.home() / ".cache" / "soundcheck" / "worker")
+    return root / settings.kafka.app_id
+
+
+def create_app(settings: Settings, registry: CollectorRegistry | None = None) -> tuple[faust.App, WorkerContext]:
+    """Build the worker app and its context (metrics registered on ``registry``)."""
+    k, w = settings.kafka, settings.worker
+    datadir = data_dir(settings)
+    datadir.parent.mkdir(parents=True, exist_ok=True)
+    app = faust.App(
+        k.app_id,
+        broker=broker_urls(k.bootstrap_servers),
+        store="memory://",
+        datadir=str(datadir),
+        topic_partitions=k.partitions,
+        topic_replication_factor=k.replication_factor,
+        consumer_auto_offset_reset=k.auto_offset_reset,
+        stream_buffer_maxsize=w.stream_buffer_maxsize,
+        web_enabled=True,
+        web_host=w.web_host,
+        web_port=w.web_port,
+        web_in_thread=False,
+        table_cleanup_interval=30.0,
+        producer_linger_ms=5,
+        broker_commit_every=10_000,
+        broker_commit_interval=1.0,
+    )
+    ctx = WorkerContext(
+        settings=settings,
+        metrics=WorkerMetrics(registry or CollectorRegistry()),
+        contracts=load_contracts(),
+        graph=ServiceGraph(settings.services),
+    )
+    t = settings.topics
+    raw = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw", "value_serializer": "raw"}
+    for stream, name in t.inputs().items():
+        ctx.topics[stream] = app.topic(name, partitions=k.partitions, **raw)
+    ctx.topics["anomalies"] = app.topic(t.anomalies, partitions=k.partitions, internal=True, **raw)
+    ctx.topics["alerts"] = app.topic(t.alerts, partitions=k.partitions, **raw)
+    ctx.topics["dead_letter"] = app.topic(t.dead_letter, partitions=k.partitions, **raw)
+
+    from agents import alerting, ingest, web  # the agents are thin wiring over soundcheck.*
+
+    for stream in t.inputs():
+        ingest.register(app, ctx, stream)
+    alerting.register(app, ctx)
+    web.register(app, ctx)
+    return app, ctx
