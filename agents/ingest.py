@@ -68,18 +68,22 @@ def register(app: faust.App, ctx: Any, stream: str) -> None:
         started = time.perf_counter()
         now_ms = int(time.time() * 1000)
         records: list[Any] = []
-        rejected = 0
+        progress: dict[int, int] = {}
         for event in events:
             recs, bad = proc.decode(event.message.value, now_ms)
-            records.extend(recs)
+            if recs:
+                records.extend(recs)
+                part = event.message.partition
+                top = max(r.ts for r in recs)
+                if top > progress.get(part, -1):
+                    progress[part] = top
             for r in bad:
                 key, value = dead_letter(event, r, stream)
                 await dlq.send(key=key, value=value)
                 m.dead_letters.labels(topic=topic_name, reason=r.kind).inc()
-                rejected += 1
         m.messages_in.labels(topic=topic_name).inc(len(events))
         m.events_in.labels(topic=topic_name).inc(len(records))
-        await emit(proc.detect(records))
+        await emit(proc.detect(records, progress))
         m.late_events.labels(stream=stream).set(proc.late_events)
         m.open_windows.labels(stream=stream).set(proc.open_windows)
         for det in proc.detectors:

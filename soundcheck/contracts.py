@@ -114,7 +114,7 @@ def _compile(schema: dict[str, Any], name: str) -> Check:
         shown = ", ".join(map(str, schema["enum"]))
 
         def check_enum(v: Any, p: str) -> Any:
-            if v not in allowed:
+            if isinstance(v, (list, dict)) or isinstance(v, bool) or v not in allowed:
                 raise ContractError("schema", f"{p}: {_short(v)} is not one of {shown}")
             return v
 

@@ -20,6 +20,7 @@ from .detectors.system import SystemMetricsDetector
 from .settings import Settings
 
 STREAMS = ("audio", "behavior", "system")
+IDLE_PARTITION_S = 10.0  # a partition without records for this long stops holding the watermark back
 
 
 def make_detectors(settings: Settings, stream: str) -> list[Any]:
@@ -41,6 +42,7 @@ class StreamProcessor:
     settings: Settings
     contract: Contract
     detectors: list[Any] = field(default_factory=list)
+    _progress: dict[int, tuple[int, float]] = field(default_factory=dict, repr=False)  # partition -> (max ts, wall)
 
     @classmethod
     def create(cls, settings: Settings, stream: str, contracts: Optional[dict[str, Contract]] = None) -> "StreamProcessor":
@@ -51,11 +53,31 @@ class StreamProcessor:
         now_ms = int(time.time() * 1000) if now_ms is None else now_ms
         return self.contract.decode(value, now_ms=now_ms, max_future_ms=int(self.settings.worker.max_future_skew_s * 1000))
 
-    def detect(self, records: list[Any]) -> list[Anomaly]:
+    def detect(self, records: list[Any], progress: Optional[dict[int, int]] = None, now: Optional[float] = None) -> list[Anomaly]:
+        """Run the detectors over a batch.
+
+        ``progress`` maps each partition in the batch to the highest event time it carried. The
+        watermark is the slowest active partition's progress (partitions quiet for
+        ``IDLE_PARTITION_S`` of wall time do not hold it back), so a partition read ahead of the
+        others never closes their windows early.
+        """
+        if progress:
+            now = time.time() if now is None else now
+            for part, ts in progress.items():
+                seen = self._progress.get(part, (-(2**62), 0.0))[0]
+                self._progress[part] = (max(seen, ts), now)
         out: list[Anomaly] = []
+        watermark = self.watermark(now)
         for det in self.detectors:
-            out.extend(det.process(records))
+            out.extend(det.process(records, watermark))
         return out
+
+    def watermark(self, now: Optional[float] = None) -> Optional[int]:
+        if not self._progress:
+            return None
+        now = time.time() if now is None else now
+        active = [ts for ts, wall in self._progress.values() if now - wall < IDLE_PARTITION_S]
+        return min(active) if active else max(ts for ts, _ in self._progress.values())
 
     def flush(self) -> list[Anomaly]:
         """Close every open window now (the stream went quiet) and return what they found."""

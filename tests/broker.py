@@ -132,7 +132,7 @@ def kafka_bootstrap() -> Iterator[str]:
     pytest.fail("no Kafka broker for the integration tests; tried:\n" + "\n".join(f"- {t}" for t in tried), False)
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def unique_name() -> Callable[..., str]:
     """A factory of unique topic / consumer-group names: ``unique_name("orders") -> "orders-1a2b3c4d5e"``."""
 

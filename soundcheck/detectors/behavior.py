@@ -67,18 +67,19 @@ class BehaviorRateDetector:
             name: ([_INDEX[t] for t in num], [_INDEX[t] for t in den]) for name, (num, den) in RATES.items()
         }
 
-    def process(self, records: Sequence[UserBehaviorEvent]) -> list[Anomaly]:
+    def process(self, records: Sequence[UserBehaviorEvent], event_time: int | None = None) -> list[Anomaly]:
         if records:
             n = len(records)
             ts = np.fromiter((r.ts for r in records), dtype=np.int64, count=n)
             onehot = np.zeros((n, len(EVENT_TYPES)))
             onehot[np.arange(n), [_INDEX[r.event_type] for r in records]] = 1.0
             self.windows.add_batch([r.country for r in records], ts, onehot, [r.user_id for r in records])
-        return self._evaluate()
+        return self._evaluate(event_time)
 
     def flush(self) -> list[Anomaly]:
         """Close all open windows (the stream went quiet); later events for them count as late."""
-        return self._evaluate(self.windows.max_ts + self.windows.size_ms + self.windows.lateness_ms)
+        self.windows.max_ts += self.windows.size_ms + self.windows.lateness_ms
+        return self._evaluate()
 
     def _evaluate(self, now_ms: int | None = None) -> list[Anomaly]:
         out: list[Anomaly] = []
@@ -186,7 +187,7 @@ class FraudDetector:
         self.users: EntityStore[UserActivity] = EntityStore(UserActivity, int(self.cfg["max_users"]), self.window_ms)
         self.now = 0
 
-    def process(self, records: Sequence[UserBehaviorEvent]) -> list[Anomaly]:
+    def process(self, records: Sequence[UserBehaviorEvent], event_time: int | None = None) -> list[Anomaly]:
         touched: dict[str, UserActivity] = {}
         for r in records:
             u = self.users.get(r.user_id, r.ts)

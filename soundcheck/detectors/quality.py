@@ -84,7 +84,7 @@ class AudioQualityDetector:
             lambda: make_baseline(settings, self.directions, self.limits), int(cfg["max_entities"]), w.entity_idle_s * 1000
         )
 
-    def process(self, records: Sequence[AudioQualitySample]) -> list[Anomaly]:
+    def process(self, records: Sequence[AudioQualitySample], event_time: int | None = None) -> list[Anomaly]:
         """Add a batch; return the anomalies of the windows that closed."""
         if records:
             n = len(records)
@@ -107,11 +107,12 @@ class AudioQualityDetector:
                 else:
                     keys = [(dim, getattr(r, dim), r.region) for r in records]
                 self.windows.add_batch(keys, ts, values, users)
-        return self._evaluate()
+        return self._evaluate(event_time)
 
     def flush(self) -> list[Anomaly]:
         """Close all open windows (the stream went quiet); later events for them count as late."""
-        return self._evaluate(self.windows.max_ts + self.windows.size_ms + self.windows.lateness_ms)
+        self.windows.max_ts += self.windows.size_ms + self.windows.lateness_ms
+        return self._evaluate()
 
     def _evaluate(self, now_ms: int | None = None) -> list[Anomaly]:
         out: list[Anomaly] = []

@@ -65,7 +65,7 @@ class SystemMetricsDetector:
             col = self.columns[name] = len(self.columns)
         return col
 
-    def process(self, records: Sequence[SystemPerformanceSample]) -> list[Anomaly]:
+    def process(self, records: Sequence[SystemPerformanceSample], event_time: int | None = None) -> list[Anomaly]:
         if records:
             n = len(records)
             values = np.full((n, MAX_METRICS), np.nan)
@@ -76,11 +76,12 @@ class SystemMetricsDetector:
                         values[i, col] = v
             ts = np.fromiter((r.ts for r in records), dtype=np.int64, count=n)
             self.windows.add_batch([(r.service, r.region) for r in records], ts, values)
-        return self._evaluate()
+        return self._evaluate(event_time)
 
     def flush(self) -> list[Anomaly]:
         """Close all open windows (the stream went quiet); later events for them count as late."""
-        return self._evaluate(self.windows.max_ts + self.windows.size_ms + self.windows.lateness_ms)
+        self.windows.max_ts += self.windows.size_ms + self.windows.lateness_ms
+        return self._evaluate()
 
     def _evaluate(self, now_ms: int | None = None) -> list[Anomaly]:
         out: list[Anomaly] = []

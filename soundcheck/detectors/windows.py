@@ -100,11 +100,13 @@ class TumblingAggregator:
                 agg.users |= group_users[gi]
         self.max_ts = max(self.max_ts, int(ts.max()))
 
-    def advance(self, now_ms: Optional[int] = None) -> list[WindowAggregate]:
-        """Close and return (oldest first) the windows whose end the watermark has passed."""
-        if now_ms is not None:
-            self.max_ts = max(self.max_ts, now_ms)
-        watermark = self.max_ts - self.lateness_ms
+    def advance(self, event_time: Optional[int] = None) -> list[WindowAggregate]:
+        """Close and return (oldest first) the windows whose end the watermark has passed.
+
+        The watermark is ``event_time`` (default: the highest event time seen) less the allowed
+        lateness. A caller reading several partitions passes the slowest one's progress.
+        """
+        watermark = (self.max_ts if event_time is None else event_time) - self.lateness_ms
         done = [key for key, agg in self._open.items() if agg.end <= watermark]
         if not done:
             return []

@@ -1,0 +1,180 @@
+"""Detector contracts (River style) and behaviour on synthetic data."""
+
+import pickle
+import random
+
+import numpy as np
+import pytest
+
+from soundcheck.contracts import load_contracts
+from soundcheck.detectors.base import Anomaly, EntityStore
+from soundcheck.detectors.baseline import RobustBaseline
+from soundcheck.detectors.behavior import BehaviorRateDetector, FraudDetector
+from soundcheck.detectors.quality import AudioQualityDetector
+from soundcheck.detectors.system import SystemMetricsDetector
+from soundcheck.detectors.windows import TumblingAggregator
+from soundcheck.simulator import Simulator, encode
+
+T0 = 1_700_000_000_000
+
+
+def noisy(seed=0, n=200, mean=100.0, sd=3.0):
+    rng = random.Random(seed)
+    return [rng.gauss(mean, sd) for _ in range(n)]
+
+
+def run_baseline(values, **kw):
+    b = RobustBaseline(directions={"x": "up"}, **kw)
+    return b, [b.update_one({"x": v}, ts=i) for i, v in enumerate(values)]
+
+
+def test_baseline_is_quiet_on_noise_and_fires_on_a_spike():
+    vals = noisy() + [200.0] + noisy(1, 20)
+    b, out = run_baseline(vals, warmup=12)
+    opened = [i for i, s in enumerate(out) if s]
+    assert opened and opened[0] == 200
+    assert out[200][0].observed == 200.0 and out[200][0].expected == pytest.approx(100, abs=3)
+
+
+def test_baseline_warmup_holds_back_signals():
+    b, out = run_baseline([100.0] * 5 + [500.0] * 3, warmup=10)
+    assert not any(out)
+
+
+def test_flat_line_is_not_infinitely_sensitive():
+    """River's GaussianScorer scores 1.0 on a flat line; the spread floor prevents that."""
+    b, out = run_baseline([50.0] * 100 + [50.5, 51.0], warmup=5)
+    assert not any(out)
+
+
+def test_direction_and_limits():
+    b = RobustBaseline(warmup=3, directions={"bitrate": "down"}, limits={"bitrate": {"min": 200}})
+    for i in range(20):
+        assert b.update_one({"bitrate": 320.0 + (i % 3)}, ts=i) == []
+    assert b.update_one({"bitrate": 400.0}, ts=21) == []  # better than normal is not an anomaly
+    sig = b.update_one({"bitrate": 150.0}, ts=22)
+    assert sig[0].limit == 200 and sig[0].metric == "bitrate"
+
+
+def test_hysteresis_holds_a_signal_at_the_edge_and_closes_after_clear_windows():
+    b, out = run_baseline(noisy(n=100) + [200.0] + [112.0] * 4 + [100.0] * 4, warmup=10, clear_windows=3, min_relative_change=0.1)
+    assert out[100] and all(out[101:105])  # held open while still clearly high
+    assert out[105] and out[106] and not out[107]  # three normal windows to close
+
+
+def test_anomalies_stay_out_of_the_baseline_until_the_shift_is_the_new_normal():
+    b, out = run_baseline(noisy(n=100) + [300.0] * 80, warmup=10, relearn_after=30)
+    assert b.expected("x") > 250  # learned after the relearn horizon
+    b2, _ = run_baseline(noisy(n=100) + [300.0] * 20, warmup=10, relearn_after=30)
+    assert b2.expected("x") == pytest.approx(100, abs=5)
+
+
+def test_effect_size_guard_ignores_significant_but_tiny_changes():
+    b, out = run_baseline([100.0 + 0.01 * (i % 2) for i in range(100)] + [101.0], warmup=5, min_relative_change=0.2)
+    assert not out[-1]
+
+
+@pytest.mark.parametrize("features", [{"x": 1.0}, {"x": 1.0, "y": 2.0}, {}])
+def test_baseline_contract_pickle_determinism_missing_features(features):
+    a, _ = run_baseline(noisy(3, 50))
+    b = pickle.loads(pickle.dumps(a))
+    assert a.score_one(features) == b.score_one(features)
+    assert a.update_one(features, 99) == b.update_one(features, 99)
+    assert 0.0 <= a.score_one(features) < 1.0
+
+
+def test_tumbling_windows_sum_per_key_close_on_the_watermark_and_count_late_events():
+    agg = TumblingAggregator(size_ms=10_000, lateness_ms=2_000, n_features=1)
+    agg.add_batch(["a", "a", "b"], np.array([T0, T0 + 9_000, T0 + 1_000]), np.array([[1.0], [3.0], [np.nan]]), users=["u1", "u2", "u1"])
+    assert agg.advance() == []
+    agg.add_batch(["a"], np.array([T0 + 12_500]), np.array([[5.0]]))
+    closed = {w.key: w for w in agg.advance()}
+    assert closed["a"].count == 2 and closed["a"].mean()[0] == 2.0 and closed["a"].users == {"u1", "u2"}
+    assert np.isnan(closed["b"].mean()[0])  # NaN means absent, not zero
+    agg.add_batch(["a"], np.array([T0 + 100]), np.array([[7.0]]))
+    assert agg.late_events == 1
+
+
+def test_entity_store_is_bounded():
+    s = EntityStore(dict, max_entries=100, idle_ms=10**9)
+    for i in range(1000):
+        s.get(i, i)
+    assert len(s) == 100 and s.evicted == 900
+
+
+def simulate(seed=4, duration=420, plan=(("cdn_pop_degradation", 200, 180),), **kw):
+    return Simulator(seed=seed, rate=150, duration_s=duration, start_ms=T0, plan=plan, **kw)
+
+
+def feed(det, sim, stream):
+    contract = load_contracts()[stream]
+    out = []
+    for b in sim.ticks():
+        if b.stream != stream:
+            continue
+        recs = []
+        for v in encode(b, 100):
+            recs.extend(contract.decode(v, now_ms=T0 + 10**8)[0])
+        out.extend(det.process(recs))
+    return out
+
+
+def test_audio_detector_finds_the_degraded_pop_quickly_and_nothing_before(settings):
+    sim = simulate()
+    pop = sim.scenarios[0].details["cdn_pop"]
+    found = feed(AudioQualityDetector(settings), sim, "audio")
+    before = [a for a in found if a.event_time <= sim.scenarios[0].start_ms]
+    assert before == []
+    on_pop = [a for a in found if a.entity.get("cdn_pop") == pop]
+    assert on_pop and on_pop[0].event_time - sim.scenarios[0].start_ms <= 30_000
+    assert {s.metric for s in on_pop[0].signals} >= {"bitrate_ratio", "buffering_ratio"}
+    assert on_pop[0].node == "cdn" and on_pop[0].sampled_users > 0
+
+
+def test_behavior_rates_find_a_payment_failure_spike(settings):
+    sim = simulate(plan=(("billing_error_spike", 240, 180),))
+    sc = sim.scenarios[0]
+    found = feed(BehaviorRateDetector(settings), sim, "behavior")
+    hits = [a for a in found if a.kind == "payment_failure" and a.region == sc.region]
+    assert hits and hits[0].event_time - sc.start_ms <= 60_000
+    assert [a for a in found if a.event_time < sc.start_ms] == []
+
+
+def test_fraud_detector_flags_the_farm_and_no_ordinary_listener(settings):
+    sim = simulate(plan=(("fraud_farm", 60, 300),), duration=400)
+    farm = set(sim.scenarios[0].details["accounts"])
+    found = feed(FraudDetector(settings), sim, "behavior")
+    flagged = {a.entity["user_id"] for a in found}
+    assert flagged and flagged <= farm
+    assert len(flagged) >= len(farm) * 0.8
+    assert found[0].details["fraud_probability"] >= 0.7 and found[0].signals
+
+
+def test_fraud_state_is_bounded_by_max_users(settings):
+    s = settings.replace(detection={"fraud": {"max_users": 50}})
+    det = FraudDetector(s)
+    sim = simulate(plan=(), duration=30)
+    feed(det, sim, "behavior")
+    assert len(det.users) == 50 and det.users.evicted > 0
+
+
+def test_system_detector_uses_the_service_slo_and_tracks_unknown_metrics(settings):
+    sim = simulate(plan=(("latency_regression", 240, 120),))
+    sc = sim.scenarios[0]
+    det = SystemMetricsDetector(settings)
+    found = feed(det, sim, "system")
+    hits = [a for a in found if a.entity == {"service": sc.details["service"], "region": sc.region}]
+    assert hits and hits[0].kind == "service_degradation"
+    assert [a for a in found if a.event_time < sc.start_ms and a.kind != "traffic_change"] == []
+    contract = load_contracts()["system"]
+    import orjson
+    rec = {"ts": T0 + 10**6, "service": "cdn", "region": "US", "metrics": {"queue_depth": 3.0}}
+    det.process(contract.decode(orjson.dumps(rec), now_ms=T0 + 10**8)[0])
+    assert "queue_depth" in det.columns
+
+
+def test_anomaly_json_round_trip(settings):
+    sim = simulate()
+    a = feed(AudioQualityDetector(settings), sim, "audio")[0]
+    b = Anomaly.from_json(a.to_json())
+    assert b.to_json() == a.to_json()

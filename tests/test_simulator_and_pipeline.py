@@ -1,0 +1,99 @@
+"""The simulator's contract, and the whole worker logic offline (no broker) on its scenarios."""
+
+import orjson
+import pytest
+
+from soundcheck.evaluation import evaluate
+from soundcheck.pipeline import OfflinePipeline
+from soundcheck.simulator import Simulator, encode
+
+T0 = 1_700_000_000_000
+
+
+def test_same_seed_same_traffic_other_seed_other_names():
+    a = [orjson.dumps(b.records) for b in Simulator(seed=1, rate=40, duration_s=20, start_ms=T0).ticks()]
+    b = [orjson.dumps(b.records) for b in Simulator(seed=1, rate=40, duration_s=20, start_ms=T0).ticks()]
+    c = Simulator(seed=2, rate=40, duration_s=20, start_ms=T0)
+    assert a == b
+    assert c.tag != Simulator(seed=1).tag
+
+
+def test_ground_truth_lists_every_scenario_with_times_and_expected_entities():
+    sim = Simulator(seed=3, rate=20, duration_s=900, start_ms=T0)
+    for _ in sim.ticks():
+        pass
+    gt = sim.ground_truth()
+    names = {s["name"] for s in gt["scenarios"]}
+    assert names == {"cdn_pop_degradation", "billing_error_spike", "fraud_farm", "latency_regression", "benign_surge",
+                     "flapping_metric", "malformed_slice"}
+    assert gt["produced_malformed"] == 30 and sum(gt["malformed_kinds"].values()) == 30
+    for s in gt["scenarios"]:
+        assert T0 <= s["start_ms"] < s["end_ms"] <= gt["end_ms"]
+
+
+def test_batched_encoding_keeps_every_record():
+    sim = Simulator(seed=3, rate=100, duration_s=5, start_ms=T0, plan=())
+    for b in sim.ticks():
+        msgs = list(encode(b, 7))
+        assert sum(len(orjson.loads(m)) for m in msgs) == len(b.records)
+        assert len(list(encode(b, 1))) == len(b.records)
+
+
+@pytest.fixture(scope="module")
+def offline_run():
+    from soundcheck.settings import load_settings
+
+    settings = load_settings("development", environ={})
+    sim = Simulator(seed=11, rate=120, duration_s=900, start_ms=T0)
+    pipe = OfflinePipeline(settings)
+    for b in sim.ticks():
+        pipe.feed(b.stream, encode(b, 50), now_ms=T0 + 3_600_000)
+    for stream, proc in pipe.processors.items():
+        for a in proc.flush():
+            pipe.alert(a)
+    return settings, sim, pipe
+
+
+def test_offline_every_incident_is_found_on_the_right_entity(offline_run):
+    settings, sim, pipe = offline_run
+    report = evaluate(pipe.alerts, sim.ground_truth(), settings)
+    missed = [r["name"] for r in report["scenarios"] if not r.get("must_not_page") and not r["found"]]
+    assert missed == []
+    for row in report["scenarios"]:
+        if not row.get("must_not_page"):
+            assert row["severity"] in ("medium", "high", "critical"), row
+            assert row["delay_s"] <= 120, row
+
+
+def test_offline_benign_surge_pages_nobody(offline_run):
+    settings, sim, pipe = offline_run
+    assert evaluate(pipe.alerts, sim.ground_truth(), settings)["benign_pages"] == 0
+
+
+def test_offline_every_malformed_record_is_rejected_and_every_valid_one_read(offline_run):
+    settings, sim, pipe = offline_run
+    assert len(pipe.rejections) == sim.malformed
+    assert sum(pipe.events_in.values()) == sum(sim.produced.values())
+    kinds = {r.kind for _, r in pipe.rejections}
+    assert kinds == {"invalid_json", "schema", "impossible_value", "future_ts", "not_an_object"}
+
+
+def test_offline_root_cause_of_the_cdn_incident_is_the_pop(offline_run):
+    settings, sim, pipe = offline_run
+    cdn = next(s for s in sim.scenarios if s.name == "cdn_pop_degradation")
+    pop_alerts = [a for a in pipe.alerts if a["entity"].get("cdn_pop") == cdn.details["cdn_pop"]]
+    assert pop_alerts
+    root = pop_alerts[-1]["root_cause"]
+    assert root["node"] == "cdn" and root["entity"].get("cdn_pop") == cdn.details["cdn_pop"]
+
+
+def test_offline_alerts_match_the_alert_schema(offline_run):
+    import json
+
+    import jsonschema
+
+    from soundcheck.contracts import SCHEMA_DIR
+
+    schema = json.loads((SCHEMA_DIR / "alert.schema.json").read_text())
+    for a in offline_run[2].alerts:
+        jsonschema.validate(orjson.loads(orjson.dumps(a)), schema)

@@ -1,0 +1,135 @@
+"""The real worker process against the real Kafka broker, fed by the simulator.
+
+One scenario run is shared by the assertions below (module fixture); every run gets its own
+uuid topics and consumer group.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+
+import jsonschema
+import orjson
+import pytest
+
+from soundcheck.contracts import SCHEMA_DIR
+from soundcheck.evaluation import evaluate
+from soundcheck.harness import WorkerProcess, read_topic, worker_env
+from soundcheck.kafka_admin import ensure_topics_async, worker_topics
+from soundcheck.produce import produce
+from soundcheck.simulator import Simulator
+
+pytestmark = pytest.mark.integration
+
+
+def _isolated(settings, bootstrap, unique_name):
+    topics = {role: unique_name(name) for role, name in settings.topics.__dict__.items()}
+    s = settings.replace(kafka={"bootstrap_servers": bootstrap, "app_id": unique_name("soundcheck-test")}, topics=topics)
+    asyncio.run(ensure_topics_async(bootstrap, worker_topics(s), s.kafka.partitions, 1))
+    return s
+
+
+def _start_worker(s, tmp_path, name="worker"):
+    env = worker_env(s.kafka.bootstrap_servers, s.kafka.app_id, s.topics.__dict__, tmp_path / f"{name}-data")
+    return WorkerProcess(env, tmp_path / f"{name}.log").start()
+
+
+@pytest.fixture(scope="module")
+def scenario_run(kafka_bootstrap, unique_name, tmp_path_factory):
+    from soundcheck.settings import load_settings
+
+    tmp = tmp_path_factory.mktemp("e2e")
+    s = _isolated(load_settings("development", environ={}), kafka_bootstrap, unique_name)
+    worker = _start_worker(s, tmp)
+    try:
+        worker.wait_ready()
+        sim = Simulator(seed=21, rate=100, duration_s=900, start_ms=(int(time.time()) - 1000) * 1000)
+        truth = asyncio.run(produce(sim, s, batch=50))
+        valid, bad = sum(truth["produced_valid"].values()), truth["produced_malformed"]
+        worker.wait_for(
+            lambda: worker.metric_sum("soundcheck_events_in_total") >= valid and worker.metric_sum("soundcheck_dead_letters_total") >= bad,
+            timeout=300, what="every record read",
+        )
+        worker.wait_for(lambda: _drained(worker), timeout=120, what="windows flushed and anomalies alerted")
+        n_alerts = worker.metric_sum("soundcheck_alerts_total")
+        alerts = asyncio.run(read_topic(kafka_bootstrap, s.topics.alerts, until=lambda r: len(r) >= n_alerts, timeout=60))
+        dead = asyncio.run(read_topic(kafka_bootstrap, s.topics.dead_letter, until=lambda r: len(r) >= bad, timeout=60))
+        metrics = worker.metrics()
+        yield s, sim, truth, alerts, dead, metrics
+    finally:
+        worker.stop()
+
+
+def _drained(worker: WorkerProcess) -> bool:
+    m = worker.metrics()
+    emitted = sum(v for k, v in m.items() if k.startswith("soundcheck_anomalies_total"))
+    handled = sum(v for k, v in m.items() if k.startswith("soundcheck_anomalies_handled_total"))
+    open_windows = sum(v for k, v in m.items() if k.startswith("soundcheck_open_windows"))
+    return open_windows == 0 and emitted > 0 and handled >= emitted
+
+
+def test_each_injected_incident_alerts_on_the_right_entity_with_a_plausible_severity(scenario_run):
+    s, sim, truth, alerts, dead, metrics = scenario_run
+    report = evaluate([orjson.loads(r.value) for r in alerts], truth, s)
+    for row in report["scenarios"]:
+        if row.get("must_not_page"):
+            continue
+        assert row["found"], row
+        assert row["severity"] in ("medium", "high", "critical"), row
+
+
+def test_the_benign_surge_pages_nobody(scenario_run):
+    s, sim, truth, alerts, dead, metrics = scenario_run
+    assert evaluate([orjson.loads(r.value) for r in alerts], truth, s)["benign_pages"] == 0
+
+
+def test_alerts_are_keyed_by_fingerprint_and_match_the_alert_schema(scenario_run):
+    s, sim, truth, alerts, dead, metrics = scenario_run
+    schema = json.loads((SCHEMA_DIR / "alert.schema.json").read_text())
+    assert alerts
+    for r in alerts:
+        alert = orjson.loads(r.value)
+        jsonschema.validate(alert, schema)
+        assert r.key.decode() == alert["fingerprint"]
+    assert len({orjson.loads(r.value)["alert_id"] for r in alerts}) == len(alerts)
+
+
+def test_every_malformed_record_is_dead_lettered_with_its_origin_and_nothing_else_is_lost(scenario_run):
+    s, sim, truth, alerts, dead, metrics = scenario_run
+    schema = json.loads((SCHEMA_DIR / "dead_letter.schema.json").read_text())
+    assert len(dead) == truth["produced_malformed"] == 30
+    for r in dead:
+        d = orjson.loads(r.value)
+        jsonschema.validate(d, schema)
+        assert d["source_topic"] == s.topics.audio and d["partition"] >= 0 and d["offset"] >= 0 and d["reason"]
+        assert base64.b64decode(d["original_value_b64"])  # the original bytes are kept
+    kinds = sorted({orjson.loads(r.value)["error_kind"] for r in dead})
+    assert kinds == ["future_ts", "impossible_value", "invalid_json", "not_an_object", "schema"]
+    valid = sum(truth["produced_valid"].values())
+    read = sum(v for k, v in metrics.items() if k.startswith("soundcheck_events_in_total"))
+    assert read == valid  # every valid record was read exactly once, bad ones did not take good ones with them
+
+
+def test_two_workers_share_the_partitions_of_one_consumer_group(kafka_bootstrap, unique_name, tmp_path, settings):
+    s = _isolated(settings, kafka_bootstrap, unique_name)
+    a, b = _start_worker(s, tmp_path, "a"), _start_worker(s, tmp_path, "b")
+    try:
+        a.wait_ready()
+        b.wait_ready()
+        a.wait_for(lambda: (a.health() or {}).get("assigned_partitions", 0) + (b.health() or {}).get("assigned_partitions", 0)
+                   == (a.health() or {}).get("assigned_partitions", 0) + (b.health() or {}).get("assigned_partitions", 0) > 0
+                   and not (a.health() or {}).get("rebalancing") and (b.health() or {}).get("assigned_partitions", 0) > 0,
+                   timeout=90, what="both workers to hold partitions")
+        sim = Simulator(seed=5, rate=60, duration_s=60, start_ms=(int(time.time()) - 120) * 1000, plan=())
+        truth = asyncio.run(produce(sim, s, batch=20))
+        valid = sum(truth["produced_valid"].values())
+        total = lambda: a.metric_sum("soundcheck_events_in_total") + b.metric_sum("soundcheck_events_in_total")  # noqa: E731
+        a.wait_for(lambda: total() >= valid, timeout=120, what="the group to read everything")
+        assert total() == valid
+        assert a.metric_sum("soundcheck_events_in_total") > 0 and b.metric_sum("soundcheck_events_in_total") > 0
+    finally:
+        a.stop()
+        b.stop()
