@@ -48,7 +48,7 @@ def evaluate(alerts: Iterable[Mapping[str, Any]], truth: Mapping[str, Any], sett
                 "found": bool(hits),
                 "notifications": len(hits),
                 "delay_s": round((first["event_time"] - sc["start_ms"]) / 1000, 1) if first else None,
-                "priority": first["priority"] if first else None,
+                "priority": min(a["priority"] for a in hits) if hits else None,  # the highest, P0 first
                 "severity": max((a["severity"] for a in hits), key=_sev_rank) if hits else None,
                 "ok": bool(hits),
             })

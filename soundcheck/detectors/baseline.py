@@ -176,7 +176,7 @@ class RobustBaseline:
             # would bias it low), unless the shift lasts long enough to be the new normal
             f.abnormal_run = f.abnormal_run + 1 if abnormal or (f.open_since is not None and still) else 0
             if f.open_since is not None:
-                out.append(Signal(name, value, f.mean.get(), max(z, 0.0), limit, f.open_since))
+                out.append(Signal(name, value, f.mean.get(), min(max(z, 0.0), 999.0), limit, f.open_since))
             if f.abnormal_run == 0 or f.abnormal_run > self.relearn_after:
                 f.mean.update(value)
                 f.var.update(value)
