@@ -32,6 +32,7 @@ SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
 #: The ways a record can be rejected; bounded, so they can be metric labels.
 REJECTION_KINDS = ("invalid_json", "not_an_object", "schema", "impossible_value", "future_ts", "processing_error")
 
+_RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$")
 _IGNORED = {"$schema", "$id", "title", "description", "examples", "$comment"}
 _TYPES: dict[str, Callable[[Any], bool]] = {
     "string": lambda v: isinstance(v, str),
@@ -75,6 +76,8 @@ def parse_ts(value: Any, path: str = "ts") -> int:
             raise ContractError("impossible_value", f"{path}: negative epoch milliseconds {value!r}")
         return int(value)
     if isinstance(value, str):
+        if not _RFC3339.match(value):
+            raise ContractError("schema", f"{path}: {_short(value)} is not an RFC 3339 date-time with a time zone")
         try:
             dt = datetime.fromisoformat(value)
         except ValueError:

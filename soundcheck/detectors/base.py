@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Generic, Hashable, Iterator, Optional, TypeVar
+from typing import Any, Callable, Generic, Hashable, Iterator, Mapping, Optional, Sequence, TypeVar
 
 import orjson
 
-from .baseline import Signal
+from .baseline import RobustBaseline, Signal
+from .windows import TumblingAggregator, WindowAggregate
 
 T = TypeVar("T")
 
@@ -109,3 +110,112 @@ def anomaly_score(signals: list[Signal], z_threshold: float) -> float:
         z = s.score / (2.0 * z_threshold)
         best = max(best, min(1.0, z), 0.8 if s.limit is not None else 0.0)
     return round(best, 3)
+
+
+@dataclass(slots=True)
+class Finding:
+    """What a windowed detector found in one closed window, before it becomes an Anomaly."""
+
+    kind: str
+    entity: dict[str, str]
+    region: str
+    node: str
+    signals: list[Signal]
+    sampled_users: int = 0
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def make_baseline(settings: Any, directions: Mapping[str, str], limits: Mapping) -> RobustBaseline:
+    """A baseline with the detection settings (shared by every stream detector)."""
+    d = settings.detection
+    return RobustBaseline(
+        fading_factor=d["fading_factor"],
+        warmup=d["warmup_windows"],
+        z_threshold=d["z_threshold"],
+        z_clear=d["z_clear"],
+        clear_windows=d["clear_windows"],
+        relative_floor=d["relative_floor"],
+        min_relative_change=d["min_relative_change"],
+        directions=directions,
+        limits=limits,
+        min_change=_MinChange(settings),
+    )
+
+
+class _MinChange(dict):
+    """Each metric's minimum absolute change (``metrics.<name>.min_change``), looked up lazily."""
+
+    def __init__(self, settings: Any) -> None:
+        super().__init__()
+        self._settings = settings
+
+    def get(self, name: str, default: float = 0.0) -> float:  # type: ignore[override]
+        if name not in self:
+            self[name] = float(self._settings.metric_spec(name).get("min_change", 0.0))
+        return dict.get(self, name, default)
+
+
+class WindowedDetector:
+    """Shared shape of the windowed detectors: add a batch to event-time windows, and when
+    windows close, turn each into findings against its entity's baseline.
+
+    Subclasses set ``name`` and ``n_features`` and implement :meth:`add` (batch → windows),
+    :meth:`new_baseline` and :meth:`findings` (closed window → findings).
+    """
+
+    name = "windowed"
+    n_features = 1
+
+    def __init__(self, settings: Any, source_topic: str) -> None:
+        cfg = settings.detection
+        w = settings.windows
+        self.settings = settings
+        self.source_topic = source_topic
+        self.z_threshold = float(cfg["z_threshold"])
+        self.windows = TumblingAggregator(w.aggregate_s * 1000, w.allowed_lateness_s * 1000, self.n_features)
+        self.entities: EntityStore[RobustBaseline] = EntityStore(self.new_baseline, int(cfg["max_entities"]), w.entity_idle_s * 1000)
+
+    def new_baseline(self) -> RobustBaseline:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def add(self, records: Sequence[Any]) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def findings(self, agg: WindowAggregate) -> list[Finding]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def process(self, records: Sequence[Any], event_time: Optional[int] = None) -> list[Anomaly]:
+        """Add a batch; return the anomalies of the windows that closed (watermark ``event_time``)."""
+        if records:
+            self.add(records)
+        return self._evaluate(event_time)
+
+    def flush(self) -> list[Anomaly]:
+        """Close all open windows (the stream went quiet); later events for them count as late."""
+        self.windows.max_ts += self.windows.size_ms + self.windows.lateness_ms
+        return self._evaluate()
+
+    def _evaluate(self, event_time: Optional[int] = None) -> list[Anomaly]:
+        closed = self.windows.advance(event_time)
+        out = [
+            Anomaly(
+                kind=f.kind,
+                detector=self.name,
+                entity=f.entity,
+                region=f.region,
+                node=f.node,
+                signals=f.signals,
+                score=anomaly_score(f.signals, self.z_threshold),
+                event_time=agg.end,
+                window_start=agg.start,
+                source_topic=self.source_topic,
+                sampled_users=f.sampled_users,
+                samples=agg.count,
+                details=f.details,
+            )
+            for agg in closed
+            for f in self.findings(agg)
+        ]
+        if closed:
+            self.entities.expire(closed[-1].end)
+        return out

@@ -19,10 +19,9 @@ import numpy as np
 
 from ..contracts import UserBehaviorEvent
 from ..settings import Settings
-from .base import Anomaly, EntityStore, anomaly_score
+from .base import Anomaly, EntityStore, Finding, WindowedDetector, make_baseline
 from .baseline import RobustBaseline, Signal
-from .quality import make_baseline
-from .windows import TumblingAggregator
+from .windows import WindowAggregate
 
 EVENT_TYPES = (
     "play_start", "play_complete", "skip", "search", "add_to_playlist", "login", "logout",
@@ -42,100 +41,70 @@ RATES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 KIND_OF_RATE = {"payment_failure_rate": "payment_failure"}
 
 
-class BehaviorRateDetector:
+class BehaviorRateDetector(WindowedDetector):
     """Population rates per region against learned baselines and floors."""
 
     name = "behavior.rates"
+    n_features = len(EVENT_TYPES)
 
     def __init__(self, settings: Settings, source_topic: str = "user_behavior_events") -> None:
-        cfg = settings.detection
-        self.settings = settings
-        self.source_topic = source_topic
-        self.min_denominator = int(cfg["behavior"]["min_denominator"])
-        self.prior_weight = float(cfg["behavior"]["prior_weight"])
-        self.rate_windows = int(cfg["behavior"]["rate_windows"])
-        self._recent: dict[str, deque] = {}
-        self.z_threshold = float(cfg["z_threshold"])
+        cfg = settings.detection["behavior"]
+        self.min_denominator = int(cfg["min_denominator"])
+        self.prior_weight = float(cfg["prior_weight"])
+        self.rate_windows = int(cfg["rate_windows"])
         self.directions = {r: settings.metric_spec(r)["direction"] for r in RATES}
-        self.limits = dict(cfg["behavior"]["floors"])
-        w = settings.windows
-        self.windows = TumblingAggregator(w.aggregate_s * 1000, w.allowed_lateness_s * 1000, len(EVENT_TYPES))
-        self.entities: EntityStore[RobustBaseline] = EntityStore(
-            lambda: make_baseline(settings, self.directions, self.limits), int(cfg["max_entities"]), w.entity_idle_s * 1000
-        )
+        self.limits = dict(cfg["floors"])
+        self._recent: dict[str, deque] = {}
         self._rate_index = {
             name: ([_INDEX[t] for t in num], [_INDEX[t] for t in den]) for name, (num, den) in RATES.items()
         }
+        super().__init__(settings, source_topic)
 
-    def process(self, records: Sequence[UserBehaviorEvent], event_time: int | None = None) -> list[Anomaly]:
-        if records:
-            n = len(records)
-            ts = np.fromiter((r.ts for r in records), dtype=np.int64, count=n)
-            onehot = np.zeros((n, len(EVENT_TYPES)))
-            onehot[np.arange(n), [_INDEX[r.event_type] for r in records]] = 1.0
-            self.windows.add_batch([r.country for r in records], ts, onehot, [r.user_id for r in records])
-        return self._evaluate(event_time)
+    def new_baseline(self) -> RobustBaseline:
+        return make_baseline(self.settings, self.directions, self.limits)
 
-    def flush(self) -> list[Anomaly]:
-        """Close all open windows (the stream went quiet); later events for them count as late."""
-        self.windows.max_ts += self.windows.size_ms + self.windows.lateness_ms
-        return self._evaluate()
+    def add(self, records: Sequence[UserBehaviorEvent]) -> None:
+        n = len(records)
+        ts = np.fromiter((r.ts for r in records), dtype=np.int64, count=n)
+        onehot = np.zeros((n, len(EVENT_TYPES)))
+        onehot[np.arange(n), [_INDEX[r.event_type] for r in records]] = 1.0
+        self.windows.add_batch([r.country for r in records], ts, onehot, [r.user_id for r in records])
 
-    def _evaluate(self, now_ms: int | None = None) -> list[Anomaly]:
-        out: list[Anomaly] = []
-        closed = self.windows.advance(now_ms)
-        for agg in closed:
-            region = agg.key
-            # rates over a sliding span of the last few windows: rare events need the counts
-            recent = self._recent.get(region)
-            if recent is None:
-                recent = self._recent[region] = deque(maxlen=self.rate_windows)
-            recent.append(agg.sums)
-            sums = np.sum(recent, axis=0)
-            baseline = self.entities.get(region, agg.end)
-            x: dict[str, float] = {}
-            spread: dict[str, float] = {}
-            counts: dict[str, float] = {}
-            for name, (num, den) in self._rate_index.items():
-                d = float(sums[den].sum())
-                if d < self.min_denominator:
-                    continue
-                k = float(sums[num].sum())
-                # shrink towards the baseline by a few pseudo-observations, and judge the rate by
-                # its binomial standard error: three crashes in fifty plays are not an outbreak
-                p0 = baseline.expected(name)
-                p0 = max(k / d if p0 is None else p0, 1.0 / (d + self.prior_weight))
-                x[name] = (k + self.prior_weight * p0) / (d + self.prior_weight)
-                spread[name] = math.sqrt(max(p0 * (1 - p0), 1e-6) / (d + self.prior_weight))
-                counts[name] = k
-            if not x:
+    def findings(self, agg: WindowAggregate) -> list[Finding]:
+        region = agg.key
+        # rates over a sliding span of the last few windows: rare events need the counts
+        recent = self._recent.get(region)
+        if recent is None:
+            recent = self._recent[region] = deque(maxlen=self.rate_windows)
+        recent.append(agg.sums)
+        sums = np.sum(recent, axis=0)
+        baseline = self.entities.get(region, agg.end)
+        x: dict[str, float] = {}
+        spread: dict[str, float] = {}
+        counts: dict[str, float] = {}
+        for name, (num, den) in self._rate_index.items():
+            d = float(sums[den].sum())
+            if d < self.min_denominator:
                 continue
-            signals = baseline.update_one(x, agg.end, spread)
-            by_node: dict[str, list[Signal]] = {}
-            for s in signals:
-                by_node.setdefault(self.settings.metric_spec(s.metric).get("node", "client_experience"), []).append(s)
-            for node, sigs in by_node.items():
-                kind = KIND_OF_RATE.get(sigs[0].metric, "behavior_rate_anomaly")
-                out.append(
-                    Anomaly(
-                        kind=kind,
-                        detector=self.name,
-                        entity={"region": region, "service": node},
-                        region=region,
-                        node=node,
-                        signals=sigs,
-                        score=anomaly_score(sigs, self.z_threshold),
-                        event_time=agg.end,
-                        window_start=agg.start,
-                        source_topic=self.source_topic,
-                        sampled_users=int(max(counts.get(s.metric, 0) for s in sigs)),
-                        samples=agg.count,
-                        details={"rates": {k: round(v, 4) for k, v in x.items()}, "span_s": len(recent) * (agg.end - agg.start) // 1000},
-                    )
-                )
-        if closed:
-            self.entities.expire(closed[-1].end)
-        return out
+            k = float(sums[num].sum())
+            # shrink towards the baseline by a few pseudo-observations, and judge the rate by
+            # its binomial standard error: three crashes in fifty plays are not an outbreak
+            p0 = baseline.expected(name)
+            p0 = max(k / d if p0 is None else p0, 1.0 / (d + self.prior_weight))
+            x[name] = (k + self.prior_weight * p0) / (d + self.prior_weight)
+            spread[name] = math.sqrt(max(p0 * (1 - p0), 1e-6) / (d + self.prior_weight))
+            counts[name] = k
+        if not x:
+            return []
+        by_node: dict[str, list[Signal]] = {}
+        for s in baseline.update_one(x, agg.end, spread):
+            by_node.setdefault(self.settings.metric_spec(s.metric).get("node", "client_experience"), []).append(s)
+        details = {"rates": {k: round(v, 4) for k, v in x.items()}, "span_s": len(recent) * (agg.end - agg.start) // 1000}
+        return [
+            Finding(KIND_OF_RATE.get(sigs[0].metric, "behavior_rate_anomaly"), {"region": region, "service": node}, region, node, sigs,
+                    int(max(counts.get(s.metric, 0) for s in sigs)), details)
+            for node, sigs in by_node.items()
+        ]
 
 
 # ---------------------------------------------------------------------------------------------
