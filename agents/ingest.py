@@ -21,16 +21,19 @@ from soundcheck.pipeline import StreamProcessor
 
 log = logging.getLogger(__name__)
 IDLE_FLUSH_S = 5.0  # close open windows when a stream has been quiet this long (wall time)
+TEXT_COPY_LIMIT = 64 * 1024  # the original value is also given as text when it is UTF-8 and this small
 
 
 def dead_letter(event: Any, rejection: Rejection, stream: str) -> tuple[bytes | None, bytes]:
     """The dead-letter record for one rejected record of ``event`` (see schemas/dead_letter.schema.json)."""
     msg = event.message
     value: bytes = msg.value if msg.value is not None else b""
-    try:
-        text: str | None = value.decode("utf-8")
-    except UnicodeDecodeError:
-        text = None
+    text: str | None = None
+    if len(value) <= TEXT_COPY_LIMIT:
+        try:
+            text = value.decode("utf-8")
+        except UnicodeDecodeError:
+            pass
     record = {
         "source_topic": msg.topic,
         "partition": msg.partition,
@@ -57,7 +60,7 @@ def register(app: faust.App, ctx: Any, stream: str) -> None:
     proc = StreamProcessor.create(settings, stream, ctx.contracts)
     ctx.processors[stream] = proc
     anomalies_topic, dlq = ctx.topics["anomalies"], ctx.topics["dead_letter"]
-    state = {"last_event_wall": 0.0, "pending": False}
+    state = {"last_event_wall": 0.0, "pending": False, "late": 0}
 
     async def emit(anomalies: Sequence[Any]) -> None:
         for a in anomalies:
@@ -84,7 +87,9 @@ def register(app: faust.App, ctx: Any, stream: str) -> None:
         m.messages_in.labels(topic=topic_name).inc(len(events))
         m.events_in.labels(topic=topic_name).inc(len(records))
         await emit(proc.detect(records, progress))
-        m.late_events.labels(stream=stream).set(proc.late_events)
+        late = proc.late_events
+        m.late_events.labels(stream=stream).inc(late - state["late"])
+        state["late"] = late
         m.open_windows.labels(stream=stream).set(proc.open_windows)
         for det in proc.detectors:
             m.tracked_entities.labels(detector=det.name).set(len(getattr(det, "entities", getattr(det, "users", ()))))
@@ -105,8 +110,13 @@ def register(app: faust.App, ctx: Any, stream: str) -> None:
                 failure = Rejection("processing_error", f"soundcheck.ingest.{stream}: {type(exc).__name__}: {exc}")
                 for event in events:
                     key, value = dead_letter(event, failure, stream)
-                    await dlq.send(key=key, value=value)
-                    m.dead_letters.labels(topic=topic_name, reason=failure.kind).inc()
+                    try:
+                        await dlq.send(key=key, value=value)
+                        m.dead_letters.labels(topic=topic_name, reason=failure.kind).inc()
+                    except Exception:
+                        m.dead_letter_failures.labels(topic=topic_name).inc()
+                        log.error("agent soundcheck.ingest.%s: could not dead-letter offset %s of partition %s",
+                                  stream, event.message.offset, event.message.partition)
 
     app.agent(topic, name=f"soundcheck.ingest.{stream}")(ingest)
 

@@ -1,8 +1,8 @@
 """From anomalies to alerts: fingerprint, dedup, correlation into incidents, the alert record.
 
 Every step is a pure function of ``(state, input) -> (state, output)``; the Faust agent keeps
-the states in changelogged tables (dedup: a windowed table keyed by fingerprint; incidents: a
-table keyed by region), so this module never touches Kafka and is tested alone.
+the states in changelogged tables (dedup keyed by fingerprint, with event-time expiry;
+incidents keyed by region), so this module never touches Kafka and is tested alone.
 
 >>> fingerprint("service_degradation", "system.baseline", {"service": "cdn", "region": "BR"})
 '9cff4035b19f614d8f9edae0'
@@ -14,7 +14,7 @@ import hashlib
 import hmac
 import uuid
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional
 
 from .classify import SEVERITY_RANK, Classification, classify
 from .detectors.base import Anomaly
@@ -265,6 +265,14 @@ def build_alert(
     }
 
 
+class AlertStep(NamedTuple):
+    fingerprint: str
+    dedup_state: dict[str, Any]
+    region_state: dict[str, Any]
+    alert: Optional[dict[str, Any]]  # None when dedup folds the anomaly into an earlier notification
+    severity: str
+
+
 def alert_step(
     anomaly: Anomaly,
     dedup_lookup: Callable[[str], Optional[dict[str, Any]]],
@@ -272,21 +280,39 @@ def alert_step(
     settings: Settings,
     graph: ServiceGraph,
     emitted_at: int,
-) -> tuple[str, dict[str, Any], dict[str, Any], Optional[dict[str, Any]]]:
+) -> AlertStep:
     """One anomaly through classification, correlation and dedup.
 
-    ``dedup_lookup(fingerprint)`` gives the fingerprint's dedup state (None if new). Returns
-    ``(fingerprint, dedup_state, region_state, alert or None)``; the alert is None when dedup
-    suppresses the notification.
+    The anomaly's entity must already be public (see :func:`public_entity`: detection output is).
+    ``dedup_lookup(fingerprint)`` gives the fingerprint's dedup state (None if new).
     """
-    entity = public_entity(anomaly.entity, settings)
+    entity = anomaly.entity
     fp = fingerprint(anomaly.kind, anomaly.detector, entity)
     c = classify(anomaly, settings)
     region_state, incident = correlate_step(region_state, fp, anomaly, entity, graph, settings.windows.correlation_s * 1000)
     dedup_state, decision = dedup_step(dedup_lookup(fp), anomaly.event_time, c.severity, settings.windows.dedup_repeat_s * 1000)
+    dedup_state["region"] = anomaly.region
     if decision is None:
-        return fp, dedup_state, region_state, None
+        return AlertStep(fp, dedup_state, region_state, None, c.severity)
     alert = build_alert(
         anomaly, c, settings, fp=fp, entity=entity, dedup=dedup_state, decision=decision, incident=incident, emitted_at=emitted_at
     )
-    return fp, dedup_state, region_state, alert
+    return AlertStep(fp, dedup_state, region_state, alert, c.severity)
+
+
+def dedup_sweep_due(region_state: dict[str, Any], now: int, every_ms: int) -> bool:
+    """Whether the region's expired dedup states should be swept now (at most once per ``every_ms``)."""
+    if now - region_state.get("dedup_swept_at", now - every_ms) >= every_ms:
+        region_state["dedup_swept_at"] = now
+        return True
+    return False
+
+
+def expired(states: Iterable[tuple[str, Mapping[str, Any]]], region: str, now: int, ttl_ms: int) -> list[str]:
+    """Fingerprints of ``region`` not seen for ``ttl_ms`` of event time: their dedup state can go.
+
+    >>> expired([("a", {"region": "BR", "last_seen": 0}), ("b", {"region": "BR", "last_seen": 900}),
+    ...          ("c", {"region": "US", "last_seen": 0})], "BR", 1000, 500)
+    ['a']
+    """
+    return [fp for fp, st in states if st and st.get("region") == region and now - st["last_seen"] > ttl_ms]

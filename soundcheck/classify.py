@@ -10,7 +10,7 @@ The impact has three components, each in [0, 1], weighted by ``classification.we
 
 Affected users come from the events (distinct sampled users times ``population_scale``) or,
 for service metrics, from the region's active users times the share of them that use the
-service. Priority: P0 when the loss passes the P0 threshold, P1 when the affected users pass
+service. Priority: P0 when the loss is above the P0 threshold, P1 when the affected users are above
 the P1 threshold, P2 for anything medium or worse, else P3. Kinds in ``info_kinds`` never page.
 
 >>> from soundcheck.settings import load_settings
@@ -42,7 +42,6 @@ class Classification:
     severity: str
     priority: str
     business_impact: dict[str, Any]
-    degradation: float
 
 
 def degradation(anomaly: Anomaly, settings: Settings) -> float:
@@ -69,7 +68,7 @@ def degradation(anomaly: Anomaly, settings: Settings) -> float:
         if spec.get("share"):
             d = excess
         else:
-            d = (excess / max(abs(s.expected), 1e-9) / 2) ** 2
+            d = min(excess / max(abs(s.expected), 1e-9) / 2, 1.0) ** 2
         worst = max(worst, min(1.0, d) * felt)
     return round(worst, 4)
 
@@ -108,9 +107,9 @@ def classify(anomaly: Anomaly, settings: Settings) -> Classification:
     if anomaly.kind in cfg["info_kinds"]:
         severity, priority = "info", "P3"
     else:
-        if loss >= esc["p0_revenue_loss_per_hour"]:
+        if loss > esc["p0_revenue_loss_per_hour"]:
             priority = "P0"
-        elif affected >= esc["p1_affected_users"]:
+        elif affected > esc["p1_affected_users"]:
             priority = "P1"
         else:
             priority = "P3"
@@ -133,4 +132,4 @@ def classify(anomaly: Anomaly, settings: Settings) -> Classification:
         "weights": dict(weights),
         "drivers": drivers,
     }
-    return Classification(severity, priority, impact, d)
+    return Classification(severity, priority, impact)

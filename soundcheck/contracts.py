@@ -84,7 +84,10 @@ def parse_ts(value: Any, path: str = "ts") -> int:
             raise ContractError("schema", f"{path}: {value!r} is not an RFC 3339 date-time") from None
         if dt.tzinfo is None:
             raise ContractError("schema", f"{path}: {value!r} has no time zone")
-        return int(round(dt.timestamp() * 1000))
+        ms = int(round(dt.timestamp() * 1000))
+        if ms < 0:
+            raise ContractError("impossible_value", f"{path}: {value!r} is before 1970")
+        return ms
     raise ContractError("schema", f"{path}: expected epoch milliseconds or an RFC 3339 string, got {type(value).__name__}")
 
 

@@ -29,7 +29,11 @@ class WorkerMetrics:
             "soundcheck_dead_letters", "Records sent to the dead-letter topic, by source topic and reason",
             ["topic", "reason"], registry=registry,
         )
-        self.late_events = Gauge(
+        self.dead_letter_failures = Counter(
+            "soundcheck_dead_letter_failures", "Dead letters that could not be written (logged), by source topic", ["topic"],
+            registry=registry,
+        )
+        self.late_events = Counter(
             "soundcheck_late_events", "Records that arrived after their event-time window closed (left out of detection)",
             ["stream"], registry=registry,
         )

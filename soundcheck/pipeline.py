@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
 
-from .alerting import ServiceGraph, alert_step
+from .alerting import ServiceGraph, alert_step, dedup_sweep_due, expired, public_entity
 from .contracts import Contract, Rejection, load_contracts
 from .detectors.base import Anomaly
 from .detectors.behavior import BehaviorRateDetector, FraudDetector
@@ -21,6 +21,7 @@ from .settings import Settings
 
 STREAMS = ("audio", "behavior", "system")
 IDLE_PARTITION_S = 10.0  # a partition without records for this long stops holding the watermark back
+PROGRESS_SKEW_MS = 5_000  # a partition's event-time progress never runs ahead of the wall clock by more
 
 
 def make_detectors(settings: Settings, stream: str) -> list[Any]:
@@ -63,13 +64,18 @@ class StreamProcessor:
         """
         if progress:
             now = time.time() if now is None else now
+            # a record from the (allowed) near future must not close everybody's windows early
+            horizon = int(now * 1000) + PROGRESS_SKEW_MS
             for part, ts in progress.items():
+                ts = min(ts, horizon)
                 seen = self._progress.get(part, (-(2**62), 0.0))[0]
                 self._progress[part] = (max(seen, ts), now)
         out: list[Anomaly] = []
         watermark = self.watermark(now)
         for det in self.detectors:
             out.extend(det.process(records, watermark))
+        for a in out:  # nothing leaves detection with a raw user id
+            a.entity = public_entity(a.entity, self.settings)
         return out
 
     def watermark(self, now: Optional[float] = None) -> Optional[int]:
@@ -86,6 +92,8 @@ class StreamProcessor:
             flush = getattr(det, "flush", None)
             if flush is not None:
                 out.extend(flush())
+        for a in out:
+            a.entity = public_entity(a.entity, self.settings)
         return out
 
     @property
@@ -133,9 +141,13 @@ class OfflinePipeline:
         return new
 
     def alert(self, anomaly: Anomaly) -> Optional[dict]:
-        fp, d, r, alert = alert_step(anomaly, self.dedup.get, self.regions.get(anomaly.region), self.settings, self.graph, anomaly.event_time)
-        self.dedup[fp] = d
-        self.regions[anomaly.region] = r
-        if alert is not None:
-            self.alerts.append(alert)
-        return alert
+        step = alert_step(anomaly, self.dedup.get, self.regions.get(anomaly.region), self.settings, self.graph, anomaly.event_time)
+        self.dedup[step.fingerprint] = step.dedup_state
+        self.regions[anomaly.region] = step.region_state
+        w = self.settings.windows
+        if dedup_sweep_due(step.region_state, anomaly.event_time, w.dedup_repeat_s * 1000):
+            for fp in expired(self.dedup.items(), anomaly.region, anomaly.event_time, 3 * w.dedup_repeat_s * 1000):
+                del self.dedup[fp]
+        if step.alert is not None:
+            self.alerts.append(step.alert)
+        return step.alert

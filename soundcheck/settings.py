@@ -9,7 +9,8 @@ Environment variables:
 * ``SOUNDCHECK_ENV``: development (default), staging or production.
 * ``SOUNDCHECK_CONFIG_DIR``: where the YAML files live (default: ``config/`` of the project).
 * ``KAFKA_BOOTSTRAP_SERVERS``: the Kafka cluster (overrides ``kafka.bootstrap_servers``).
-* ``SOUNDCHECK_PSEUDONYM_KEY``: the secret key for pseudonymising user ids (never logged).
+* ``SOUNDCHECK_PSEUDONYM_KEY``: the secret key for pseudonymising user ids (never logged);
+  required outside development, where a fixed development key stands in.
 * ``SOUNDCHECK__SECTION__KEY=value``: override any key; the value is parsed as YAML.
 
 >>> s = load_settings(env="development", environ={"SOUNDCHECK__TOPICS__ALERTS": "my-alerts"})
@@ -186,6 +187,23 @@ def _section(cls: type, raw: Mapping[str, Any], name: str) -> Any:
     return cls(**kwargs)
 
 
+def _check_acyclic(deps: Mapping[str, list[str]]) -> None:
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+
+    def visit(node: str, path: tuple[str, ...]) -> None:
+        if state.get(node) == 2:
+            return
+        if state.get(node) == 1:
+            raise SettingsError(f"config: the service map has a cycle: {' -> '.join(path + (node,))}")
+        state[node] = 1
+        for dep in deps.get(node, []):
+            visit(dep, path + (node,))
+        state[node] = 2
+
+    for node in deps:
+        visit(node, ())
+
+
 def _build(raw: dict[str, Any], env: str, key: bytes) -> Settings:
     for name in ("detection", "metrics", "classification", "services", "runbooks", "privacy"):
         if not isinstance(raw.get(name), Mapping):
@@ -199,6 +217,7 @@ def _build(raw: dict[str, Any], env: str, key: bytes) -> Settings:
         for dep in spec.get("dependencies", []):
             if dep not in raw["services"]:
                 raise SettingsError(f"config: services.{svc} depends on unknown service {dep!r}")
+    _check_acyclic({svc: spec.get("dependencies", []) for svc, spec in raw["services"].items()})
     settings = Settings(
         env=env,
         kafka=_section(KafkaSettings, raw, "kafka"),
@@ -239,7 +258,7 @@ def load_settings(
         _merge(raw, overrides)
     key = environ.get("SOUNDCHECK_PSEUDONYM_KEY", "").encode()
     if not key and raw.get("privacy", {}).get("pseudonymize_user_ids", True):
-        if env == "production":
-            raise SettingsError("SOUNDCHECK_PSEUDONYM_KEY must be set in production (user ids in alerts are keyed hashes)")
+        if env != "development":
+            raise SettingsError(f"SOUNDCHECK_PSEUDONYM_KEY must be set in {env} (user ids in alerts are keyed hashes)")
         key = DEVELOPMENT_PSEUDONYM_KEY
     return _build(raw, env, key)

@@ -30,7 +30,6 @@ class WorkerContext:
     graph: ServiceGraph
     topics: dict[str, Any] = field(default_factory=dict)  # faust topics by role
     processors: dict[str, Any] = field(default_factory=dict)  # stream name -> StreamProcessor
-    ready: bool = False
 
 
 def broker_urls(bootstrap: str) -> list[str]:
@@ -62,6 +61,7 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         web_in_thread=False,
         table_cleanup_interval=30.0,
         producer_linger_ms=5,
+        producer_max_request_size=8 * 1024 * 1024,  # a dead letter carries a whole (up to 1 MB) original message
         broker_commit_every=10_000,
         broker_commit_interval=1.0,
     )

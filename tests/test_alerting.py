@@ -104,11 +104,12 @@ def test_degradation_only_counts_the_bad_direction(settings):
 def test_alert_step_builds_a_complete_alert_and_dedups(settings):
     g = ServiceGraph(settings.services)
     dedup: dict = {}
-    a = anomaly(entity={"user_id": "bob"}, kind="streaming_fraud", node="streaming_fraud", region="US", detector="behavior.fraud",
-                signals=[Signal("streams_per_hour", 300, 100, 6.0)], users=1)
-    fp, d, r, alert = alert_step(a, dedup.get, None, settings, g, 123)
+    a = anomaly(entity=public_entity({"user_id": "bob"}, settings), kind="streaming_fraud", node="streaming_fraud", region="US",
+                detector="behavior.fraud", signals=[Signal("streams_per_hour", 300, 100, 6.0)], users=1)
+    fp, d, r, alert, severity = alert_step(a, dedup.get, None, settings, g, 123)
     dedup[fp] = d
     assert alert["fingerprint"] == fp and alert["entity"]["user_id"].startswith("u_") and "bob" not in str(alert)
     assert alert["priority"] in ("P0", "P1", "P2", "P3") and alert["recommendations"] and alert["summary"]
-    fp2, d2, r2, again = alert_step(a, dedup.get, r, settings, g, 124)
-    assert fp2 == fp and again is None and d2["occurrences"] == 2
+    assert severity == alert["severity"]
+    again = alert_step(a, dedup.get, r, settings, g, 124)
+    assert again.fingerprint == fp and again.alert is None and again.dedup_state["occurrences"] == 2

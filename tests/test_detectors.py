@@ -178,3 +178,40 @@ def test_anomaly_json_round_trip(settings):
     a = feed(AudioQualityDetector(settings), sim, "audio")[0]
     b = Anomaly.from_json(a.to_json())
     assert b.to_json() == a.to_json()
+
+
+def test_non_finite_and_extreme_inputs_never_poison_a_baseline():
+    b = RobustBaseline(warmup=3, directions={"x": "up"})
+    for i in range(20):
+        b.update_one({"x": 10.0 + i % 2}, ts=i)
+    assert b.update_one({"x": float("inf")}, ts=21) == [] and b.update_one({"x": float("nan")}, ts=22) == []
+    assert b.expected("x") == pytest.approx(10.5, abs=0.5)
+    assert b.update_one({"x": 100.0}, ts=23)  # still able to fire
+
+
+def test_a_tiny_requested_bitrate_is_no_infinity(settings):
+    import orjson
+
+    sim = simulate(plan=(), duration=40)
+    rec = next(b.records[0] for b in sim.ticks() if b.stream == "audio")
+    det = AudioQualityDetector(settings)
+    recs, bad = load_contracts()["audio"].decode(orjson.dumps({**rec, "requested_bitrate_kbps": 5e-324}), now_ms=T0 + 10**8)
+    assert not bad
+    det.process(recs)
+    assert all(np.isfinite(w.sums).all() for w in det.windows._open.values())
+
+
+def test_one_future_record_does_not_close_the_other_partitions_windows(settings):
+    from soundcheck.pipeline import StreamProcessor
+
+    proc = StreamProcessor.create(settings, "audio")
+    sim = simulate(plan=(), duration=30)
+    contract = load_contracts()["audio"]
+    recs = [r for b in sim.ticks() if b.stream == "audio" for v in encode(b, 50) for r in contract.decode(v, now_ms=T0 + 10**8)[0]]
+    wall = (T0 + 20_000) / 1000  # the wall clock sits at the end of the data
+    proc.detect(recs[:100], {0: recs[99].ts, 1: recs[99].ts}, now=wall)
+    far = recs[100]
+    far.ts = T0 + 290_000  # allowed by the contract (under max_future_skew_s), but far ahead
+    proc.detect([far], {1: far.ts}, now=wall)
+    assert proc.watermark(wall) <= T0 + 25_000  # partition 0 still holds it, and the future is capped
+    assert proc.late_events == 0

@@ -10,8 +10,9 @@ def test_environment_overrides_nested_keys_and_parses_yaml_values():
 
 
 def test_production_inherits_development_and_requires_a_pseudonym_key():
-    with pytest.raises(SettingsError, match="SOUNDCHECK_PSEUDONYM_KEY"):
-        load_settings("production", environ={})
+    for env in ("staging", "production"):
+        with pytest.raises(SettingsError, match="SOUNDCHECK_PSEUDONYM_KEY"):
+            load_settings(env, environ={})
     s = load_settings("production", environ={"SOUNDCHECK_PSEUDONYM_KEY": "s3cret"})
     assert s.kafka.partitions == 12 and s.windows.aggregate_s == 10
     assert s.pseudonym_key == b"s3cret"
@@ -30,6 +31,7 @@ def test_the_secret_never_shows_in_repr(settings):
         ({"SOUNDCHECK__WORKER__BATCH_SIZE": "many"}, "batch_size"),
         ({"SOUNDCHECK__SERVICES__CDN__DEPENDENCIES": "[nowhere]"}, "unknown service"),
         ({"SOUNDCHECK__TOPICS__TYPO": "x"}, "unknown keys"),
+        ({"SOUNDCHECK__SERVICES__CDN__DEPENDENCIES": "[audio_streaming]"}, "cycle"),
     ],
 )
 def test_bad_configuration_is_a_clear_error(env, message):

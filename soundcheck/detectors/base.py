@@ -80,10 +80,6 @@ class EntityStore(Generic[T]):
         self._items[key] = (ts, value)
         return value
 
-    def peek(self, key: Hashable) -> Optional[T]:
-        item = self._items.get(key)
-        return item[1] if item else None
-
     def expire(self, now_ms: int) -> int:
         """Drop entities not seen for ``idle_ms``; returns how many went."""
         limit = now_ms - self.idle_ms
@@ -160,7 +156,8 @@ class WindowedDetector:
     windows close, turn each into findings against its entity's baseline.
 
     Subclasses set ``name`` and ``n_features`` and implement :meth:`add` (batch → windows),
-    :meth:`new_baseline` and :meth:`findings` (closed window → findings).
+    :meth:`new_state` (an entity's state, usually its baseline) and :meth:`findings` (closed
+    window → findings).
     """
 
     name = "windowed"
@@ -173,9 +170,9 @@ class WindowedDetector:
         self.source_topic = source_topic
         self.z_threshold = float(cfg["z_threshold"])
         self.windows = TumblingAggregator(w.aggregate_s * 1000, w.allowed_lateness_s * 1000, self.n_features)
-        self.entities: EntityStore[RobustBaseline] = EntityStore(self.new_baseline, int(cfg["max_entities"]), w.entity_idle_s * 1000)
+        self.entities: EntityStore[Any] = EntityStore(self.new_state, int(cfg["max_entities"]), w.entity_idle_s * 1000)
 
-    def new_baseline(self) -> RobustBaseline:  # pragma: no cover - abstract
+    def new_state(self) -> Any:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def add(self, records: Sequence[Any]) -> None:  # pragma: no cover - abstract

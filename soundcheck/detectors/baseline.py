@@ -4,7 +4,8 @@
 ``stats.EWMean`` / ``stats.EWVar``) and turns a new observation into a deviation score. Around
 that sit the rules that make it usable for alerting:
 
-* warm-up: no signal before ``warmup`` observations of an entity;
+* warm-up: no signal on a feature before ``warmup`` observations of it;
+* non-finite values (NaN, infinity) are skipped: never scored, never learned;
 * a spread floor (``relative_floor`` of the mean), so that a flat line is not infinitely
   sensitive (River's GaussianScorer scores 1.0 on a flat line);
 * one bad direction per feature (latency up is bad, bitrate down is bad) and optional absolute
@@ -64,7 +65,8 @@ def _round(x: float) -> float:
 class _Feature:
     mean: stats.EWMean
     var: stats.EWVar
-    n: int = 0
+    n: int = 0  # observations learned
+    seen: int = 0  # observations scored
     open_since: Optional[int] = None
     normal_run: int = 0
     abnormal_run: int = 0
@@ -130,7 +132,10 @@ class RobustBaseline:
         """Learn the observation unconditionally (use :meth:`update_one` to protect the baseline)."""
         self.observations += 1
         for name, value in x.items():
+            if not math.isfinite(value):
+                continue
             f = self._feature(name)
+            f.seen += 1
             f.mean.update(value)
             f.var.update(value)
             f.n += 1
@@ -140,7 +145,7 @@ class RobustBaseline:
         worst = 0.0
         for name, value in x.items():
             f = self._features.get(name)
-            if f is None or f.n < 2:
+            if f is None or f.n < 2 or not math.isfinite(value):
                 continue
             worst = max(worst, self._z(f, name, value)[0])
         return 0.0 if worst <= 0 else 1.0 - math.exp(-worst / self.z_threshold)
@@ -154,10 +159,13 @@ class RobustBaseline:
         binomial standard error), instead of the learned one.
         """
         self.observations += 1
-        warm = self.observations > self.warmup
         out: list[Signal] = []
         for name, value in x.items():
+            if not math.isfinite(value):
+                continue
             f = self._feature(name)
+            f.seen += 1
+            warm = f.seen > self.warmup
             z, delta = self._z(f, name, value, (spread or {}).get(name)) if f.n >= 2 else (0.0, 0.0)
             limit = self._breach(name, value)
             effect = self._min_effect(f, name)
@@ -182,7 +190,3 @@ class RobustBaseline:
                 f.var.update(value)
                 f.n += 1
         return out
-
-    @property
-    def is_open(self) -> bool:
-        return any(f.open_since is not None for f in self._features.values())

@@ -41,6 +41,12 @@ RATES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 KIND_OF_RATE = {"payment_failure_rate": "payment_failure"}
 
 
+@dataclass(slots=True)
+class _RegionRates:
+    baseline: RobustBaseline
+    recent: deque  # the last windows' event-type counts, for the sliding rates
+
+
 class BehaviorRateDetector(WindowedDetector):
     """Population rates per region against learned baselines and floors."""
 
@@ -54,14 +60,13 @@ class BehaviorRateDetector(WindowedDetector):
         self.rate_windows = int(cfg["rate_windows"])
         self.directions = {r: settings.metric_spec(r)["direction"] for r in RATES}
         self.limits = dict(cfg["floors"])
-        self._recent: dict[str, deque] = {}
         self._rate_index = {
             name: ([_INDEX[t] for t in num], [_INDEX[t] for t in den]) for name, (num, den) in RATES.items()
         }
         super().__init__(settings, source_topic)
 
-    def new_baseline(self) -> RobustBaseline:
-        return make_baseline(self.settings, self.directions, self.limits)
+    def new_state(self) -> "_RegionRates":
+        return _RegionRates(make_baseline(self.settings, self.directions, self.limits), deque(maxlen=self.rate_windows))
 
     def add(self, records: Sequence[UserBehaviorEvent]) -> None:
         n = len(records)
@@ -72,13 +77,11 @@ class BehaviorRateDetector(WindowedDetector):
 
     def findings(self, agg: WindowAggregate) -> list[Finding]:
         region = agg.key
+        state = self.entities.get(region, agg.end)
+        baseline, recent = state.baseline, state.recent
         # rates over a sliding span of the last few windows: rare events need the counts
-        recent = self._recent.get(region)
-        if recent is None:
-            recent = self._recent[region] = deque(maxlen=self.rate_windows)
         recent.append(agg.sums)
         sums = np.sum(recent, axis=0)
-        baseline = self.entities.get(region, agg.end)
         x: dict[str, float] = {}
         spread: dict[str, float] = {}
         counts: dict[str, float] = {}
@@ -119,7 +122,7 @@ class UserActivity:
     first_ts: int = 0
     devices: dict = field(default_factory=dict)  # device -> last seen
     countries: dict = field(default_factory=dict)
-    artists: dict = field(default_factory=dict)  # artist -> plays
+    artists: dict = field(default_factory=dict)  # artist -> [plays, last seen]
     payment_methods: dict = field(default_factory=dict)
     segment: str = ""
     last_reported: int = -(2**62)
@@ -157,6 +160,11 @@ class FraudDetector:
         self.now = 0
 
     def process(self, records: Sequence[UserBehaviorEvent], event_time: int | None = None) -> list[Anomaly]:
+        """Count a batch; score the users it touched at ``event_time`` (the watermark; default:
+        the latest record), so one early timestamp cannot age everybody's window."""
+        if records:
+            top = max(r.ts for r in records)
+            self.now = max(self.now, top if event_time is None else min(event_time, top))
         touched: dict[str, UserActivity] = {}
         for r in records:
             u = self.users.get(r.user_id, r.ts)
@@ -174,14 +182,13 @@ class FraudDetector:
                 if et == "play_start":
                     bucket[1] += 1
                     if r.artist_id:
-                        _remember(u.artists, r.artist_id, u.artists.get(r.artist_id, 0) + 1)
+                        seen = u.artists.get(r.artist_id)
+                        _remember(u.artists, r.artist_id, [seen[0] + 1 if seen else 1, r.ts])
                 else:
                     bucket[2] += 1
             elif r.payment_method_id and et.startswith("payment"):
                 _remember(u.payment_methods, r.payment_method_id, r.ts)
             touched[r.user_id] = u
-            if r.ts > self.now:
-                self.now = r.ts
         out = [a for uid, u in touched.items() if (a := self._evaluate(uid, u)) is not None]
         self.users.expire(self.now)
         return out
@@ -194,6 +201,8 @@ class FraudDetector:
         for d in (u.devices, u.countries, u.payment_methods):
             for k in [k for k, ts in d.items() if ts < start]:
                 del d[k]
+        for k in [k for k, (_, ts) in u.artists.items() if ts < start]:
+            del u.artists[k]
         plays = sum(b[1] for b in u.buckets)
         completes = sum(b[2] for b in u.buckets)
         span = max(now - max(u.first_ts, start), int(self.cfg["min_observed_s"]) * 1000)
@@ -203,7 +212,7 @@ class FraudDetector:
             "completion_rate": completes / plays if plays else 1.0,
             "devices": len(u.devices),
             "countries": len(u.countries),
-            "top_artist_share": max(u.artists.values()) / max(sum(u.artists.values()), 1) if u.artists else 0.0,
+            "top_artist_share": max(c for c, _ in u.artists.values()) / max(sum(c for c, _ in u.artists.values()), 1) if u.artists else 0.0,
             "payment_method_changes": max(len(u.payment_methods) - 1, 0),
         }
 
@@ -262,9 +271,8 @@ class FraudDetector:
             details={
                 "fraud_probability": prob,
                 "features": {k: round(v, 3) for k, v in f.items()},
-                "devices": sorted(u.devices)[:8],
                 "countries": sorted(u.countries),
-                "top_artists": sorted(u.artists, key=u.artists.get, reverse=True)[:3],
+                "top_artists": sorted(u.artists, key=lambda a: u.artists[a][0], reverse=True)[:3],
                 "user_segment": u.segment,
             },
         )

@@ -45,7 +45,7 @@ class AudioQualityDetector(WindowedDetector):
         self.limits = dict(cfg["audio"]["floors"])
         super().__init__(settings, source_topic)
 
-    def new_baseline(self) -> RobustBaseline:
+    def new_state(self) -> RobustBaseline:
         return make_baseline(self.settings, self.directions, self.limits)
 
     def add(self, records: Sequence[AudioQualitySample]) -> None:
@@ -59,7 +59,8 @@ class AudioQualityDetector(WindowedDetector):
             dtype=np.float64,
         )
         values = np.empty((n, len(FEATURES)))
-        values[:, 0] = raw[:, 0] / raw[:, 1]
+        with np.errstate(over="ignore", divide="ignore"):  # a tiny request must not make an infinity
+            values[:, 0] = np.clip(raw[:, 0] / raw[:, 1], 0.0, 2.0)
         values[:, 1:5] = raw[:, 2:6]
         values[:, 5] = raw[:, 2] > STALL_BUFFERING
         users = [r.user_id for r in records]

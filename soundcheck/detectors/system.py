@@ -44,7 +44,7 @@ class SystemMetricsDetector(WindowedDetector):
         self.untracked_metrics = 0
         super().__init__(settings, source_topic)
 
-    def new_baseline(self) -> RobustBaseline:
+    def new_state(self) -> RobustBaseline:
         return make_baseline(self.settings, _Directions(self.settings), self.ceilings)
 
     def _column(self, name: str) -> int | None:
