@@ -23,6 +23,7 @@ from .settings import Settings
 SCHEMA_VERSION = "1.0"
 MAX_INCIDENT_MEMBERS = 32  # distinct fingerprints kept per incident; more are counted, not listed
 MAX_OPEN_INCIDENTS = 16  # per region
+SPECIFICITY = {"cdn_pop": 4, "user_id": 4, "device": 2, "service": 2, "region": 0}
 
 
 def fingerprint(kind: str, detector: str, entity: Mapping[str, str]) -> str:
@@ -141,8 +142,10 @@ def _root_cause(members: Mapping[str, Mapping[str, Any]], graph: ServiceGraph) -
         return min(m["first_seen"] for m in members.values() if m["node"] == node)
 
     root = sorted(roots, key=lambda n: (-explains(n), first(n), n))[0]
+    # name the root by its most specific member: a PoP says more than "the cdn service in BR"
     at_root = sorted(
-        (m for m in members.values() if m["node"] == root), key=lambda m: (-len(m["entity"]), m["first_seen"])
+        (m for m in members.values() if m["node"] == root),
+        key=lambda m: (-sum(SPECIFICITY.get(k, 1) for k in m["entity"]), m["first_seen"]),
     )
     earliest = min(m["first_seen"] for m in members.values())
     confidence = explains(root) / len(members) * (1.0 if first(root) <= earliest else 0.8)

@@ -56,8 +56,8 @@ def test_correlation_groups_one_dependency_path_and_names_the_most_upstream_root
     steps = [
         anomaly("behavior_rate_anomaly", {"region": "BR", "service": "client_experience"}, "client_experience", t=20_000),
         anomaly("audio_quality_degradation", {"region": "BR"}, "audio_streaming", t=10_000),
-        anomaly("audio_quality_degradation", {"region": "BR", "cdn_pop": "gru1"}, "cdn", t=10_000),
-        anomaly("service_degradation", {"service": "cdn", "region": "BR"}, "cdn", t=12_000),
+        anomaly("service_degradation", {"service": "cdn", "region": "BR"}, "cdn", t=10_000),
+        anomaly("audio_quality_degradation", {"region": "BR", "cdn_pop": "gru1"}, "cdn", t=12_000),
         anomaly("service_degradation", {"service": "search", "region": "BR"}, "search", t=15_000),
     ]
     incidents = []
