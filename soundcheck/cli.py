@@ -102,6 +102,22 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--runs", type=int, default=3)
     b.set_defaults(func=lambda a: __import__("benchmarks.throughput", fromlist=["main"]).main(a))
 
+    e = sub.add_parser("eval", help="measure detection offline: NAB benchmark files, or the simulator's scenarios")
+    esub = e.add_subparsers(dest="eval_command", required=True)
+    en = esub.add_parser("nab", help="score NAB-format CSV files with the system-performance detector")
+    en.add_argument("--data", required=True, help="a folder of NAB CSV files (timestamp,value), any depth")
+    en.add_argument("--out", required=True, help="results folder: <category>/soundcheck_<file>.csv")
+    en.add_argument("--windows", help="NAB labels JSON (combined_windows.json): also print the NAB scores")
+    en.add_argument("--profiles", help="NAB scoring profiles JSON (default: the standard NAB weights)")
+    en.set_defaults(func=lambda a: __import__("soundcheck.nab", fromlist=["cli_main"]).cli_main(a))
+    es = esub.add_parser("scenarios", help="run the simulator's scenarios through detection and alerting, no broker")
+    es.add_argument("--seeds", default="1,2,3", help="comma-separated simulator seeds (default 1,2,3)")
+    es.add_argument("--rate", type=float, default=150.0)
+    es.add_argument("--duration", type=int, default=900)
+    es.add_argument("--magnitude", type=float, default=1.0)
+    es.add_argument("--json", help="also write the full report to this JSON file")
+    es.set_defaults(func=lambda a: __import__("soundcheck.scenario_eval", fromlist=["cli_main"]).cli_main(a))
+
     kafka_local.add_cli(sub)
     return p
 
