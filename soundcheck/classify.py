@@ -104,7 +104,7 @@ def classify(anomaly: Anomaly, settings: Settings) -> Classification:
     drivers = [k for k, v in sorted(components.items(), key=lambda kv: -weights[kv[0]] * kv[1]) if v > 0]
     breach = any(s.limit is not None for s in anomaly.signals)
 
-    if anomaly.kind in cfg["info_kinds"]:
+    if anomaly.kind in cfg["info_kinds"] or (anomaly.kind in cfg.get("info_unless_breach", ()) and not breach):
         severity, priority = "info", "P3"
     else:
         if loss > esc["p0_revenue_loss_per_hour"]:
@@ -117,10 +117,13 @@ def classify(anomaly: Anomaly, settings: Settings) -> Classification:
             severity = "critical"
         elif priority == "P1" or score >= 0.5:
             severity = "high"
-        elif score >= 0.2 or breach or anomaly.kind == "streaming_fraud":
+        elif score >= 0.2 or breach:
             severity = "medium"
         else:
             severity = "low"
+        floor = cfg.get("min_severity", {}).get(anomaly.kind)
+        if floor and SEVERITY_RANK[severity] < SEVERITY_RANK[floor]:
+            severity = floor
         if priority == "P3" and SEVERITY_RANK[severity] >= SEVERITY_RANK["medium"]:
             priority = "P2"
     impact = {

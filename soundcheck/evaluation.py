@@ -52,6 +52,10 @@ def evaluate(alerts: Iterable[Mapping[str, Any]], truth: Mapping[str, Any], sett
                 "severity": max((a["severity"] for a in hits), key=_sev_rank) if hits else None,
                 "ok": bool(hits),
             })
+            crossing = sc.get("details", {}).get("crosses_at_ms")
+            if crossing and first:  # a predictive warning: how long before the limit was crossed
+                row["lead_time_s"] = round((crossing - first["event_time"]) / 1000, 1)
+                row["first_kind"] = first["kind"]
         scenarios.append(row)
     injected = [r for r in scenarios if not r.get("must_not_page")]
     # alerts in the same region and window as an incident count as its symptoms, not as noise
@@ -66,6 +70,11 @@ def evaluate(alerts: Iterable[Mapping[str, Any]], truth: Mapping[str, Any], sett
         "found": sum(1 for r in injected if r["found"]),
         "alerts": len(alerts),
         "unmatched_alerts": len(unmatched),
+        "unmatched_examples": [
+            {"event_time": a["event_time"], "kind": a["kind"], "entity": a["entity"], "severity": a["severity"],
+             "signals": [x["metric"] for x in a["signals"]]}
+            for a in unmatched[:20]
+        ],
         "benign_pages": sum(r["pages"] for r in scenarios if r.get("must_not_page")),
         "scenarios": scenarios,
     }

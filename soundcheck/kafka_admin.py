@@ -3,20 +3,46 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Mapping, Optional
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
 from .settings import Settings
 
+SNAPSHOT_SUFFIX = ".snapshots"
+SNAPSHOT_MAX_BYTES = 16 * 1024 * 1024  # the largest snapshot (one partition's detector state, compressed)
+SNAPSHOT_TOPIC_CONFIG = {
+    "cleanup.policy": "compact",  # the latest snapshot per key ("stream:partition") is what counts
+    "max.message.bytes": str(SNAPSHOT_MAX_BYTES + 64 * 1024),  # room for the record batch overhead
+    "min.cleanable.dirty.ratio": "0.1",
+    "segment.ms": str(3_600_000),  # roll hourly so old snapshots get compacted away
+}
+
+
+def snapshot_topic(settings: Settings) -> str:
+    """The compacted topic of detector state snapshots: ``<app_id>.snapshots``."""
+    return settings.kafka.app_id + SNAPSHOT_SUFFIX
+
 
 def worker_topics(settings: Settings) -> list[str]:
     t = settings.topics
-    return [t.audio, t.behavior, t.system, t.alerts, t.dead_letter, t.anomalies]
+    return [t.audio, t.behavior, t.system, t.alerts, t.dead_letter, t.anomalies, snapshot_topic(settings)]
 
 
-async def ensure_topics_async(bootstrap: str, names: list[str], partitions: int, replication: int, timeout: float = 60.0) -> list[str]:
-    """Create the topics that do not exist yet; returns the ones created."""
+def topic_config(name: str) -> dict[str, str]:
+    """Per-topic configs of the topics we create (the snapshot topic is compacted)."""
+    return dict(SNAPSHOT_TOPIC_CONFIG) if name.endswith(SNAPSHOT_SUFFIX) else {}
+
+
+async def ensure_topics_async(
+    bootstrap: str, names: list[str], partitions: int, replication: int, timeout: float = 60.0,
+    configs: Optional[Mapping[str, Mapping[str, str]]] = None,
+) -> list[str]:
+    """Create the topics that do not exist yet; returns the ones created.
+
+    ``configs`` gives topic configs by name (default: :func:`topic_config`, which makes any
+    ``*.snapshots`` topic compacted with large messages)."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout * 1000))
     await admin.start()
     try:
@@ -24,7 +50,10 @@ async def ensure_topics_async(bootstrap: str, names: list[str], partitions: int,
         missing = [n for n in dict.fromkeys(names) if n not in existing]
         if missing:
             try:
-                await admin.create_topics([NewTopic(n, partitions, replication) for n in missing])
+                await admin.create_topics([
+                    NewTopic(n, partitions, replication, topic_configs=dict((configs or {}).get(n) or topic_config(n)))
+                    for n in missing
+                ])
             except TopicAlreadyExistsError:
                 pass  # another worker won the race
             deadline = asyncio.get_running_loop().time() + timeout
@@ -43,3 +72,52 @@ def ensure_topics(settings: Settings) -> list[str]:
             settings.kafka.bootstrap_servers, worker_topics(settings), settings.kafka.partitions, settings.kafka.replication_factor
         )
     )
+
+
+async def read_latest(
+    bootstrap: str, topic: str, keys: Optional[set[bytes]] = None, timeout: float = 60.0, max_bytes: int = SNAPSHOT_MAX_BYTES
+) -> dict[bytes, bytes]:
+    """The latest value per key of a (compacted) topic, read from the beginning to the end
+    offsets at the time of the call; only ``keys`` if given. A tombstone removes its key.
+    Raises ``TimeoutError`` when the end is not reached within ``timeout`` s."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    fetch = max_bytes + 1024 * 1024
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False, auto_offset_reset="earliest",
+        max_partition_fetch_bytes=fetch, fetch_max_bytes=fetch, request_timeout_ms=int(max(timeout, 30) * 1000),
+    )
+    await consumer.start()
+    try:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        await consumer.topics()  # metadata
+        parts = consumer.partitions_for_topic(topic)
+        if not parts:
+            return {}
+        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        end = await consumer.end_offsets(tps)
+        out: dict[bytes, bytes] = {}
+        pending = {tp for tp in tps if end[tp] > 0}
+        while pending:
+            for tp in list(pending):
+                if await consumer.position(tp) >= end[tp]:
+                    pending.discard(tp)
+            if not pending:
+                break
+            if loop.time() > deadline:
+                raise TimeoutError(f"{topic} was not read to its end within {timeout} s")
+            batch = await consumer.getmany(*pending, timeout_ms=200)
+            for records in batch.values():
+                for r in records:
+                    if r.offset >= end[TopicPartition(r.topic, r.partition)] or (keys is not None and r.key not in keys):
+                        continue
+                    if r.value is None:
+                        out.pop(r.key, None)
+                    else:
+                        out[r.key] = r.value
+        return out
+    finally:
+        await consumer.stop()

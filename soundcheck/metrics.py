@@ -14,6 +14,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+BYTES_BUCKETS = tuple(float(2**k) for k in range(10, 25, 2))  # 1 KiB .. 16 MiB
 
 
 class WorkerMetrics:
@@ -61,6 +62,32 @@ class WorkerMetrics:
         )
         self.tracked_entities = Gauge(
             "soundcheck_tracked_entities", "Entities with detector state in this worker, by detector", ["detector"], registry=registry
+        )
+
+        self.snapshots_written = Counter(
+            "soundcheck_snapshots_written", "Detector state snapshots written (one per changed partition and interval), by stream",
+            ["stream"], registry=registry,
+        )
+        self.snapshots_restored = Counter(
+            "soundcheck_snapshots_restored", "Detector state snapshots restored on partition assignment, by stream",
+            ["stream"], registry=registry,
+        )
+        self.snapshots_rejected = Counter(
+            "soundcheck_snapshots_rejected",
+            "Snapshots not restored (another format or River version, corrupt): the partition starts fresh, by stream",
+            ["stream"], registry=registry,
+        )
+        self.snapshot_failures = Counter(
+            "soundcheck_snapshot_failures", "Snapshots that could not be written or read (logged), by stream", ["stream"],
+            registry=registry,
+        )
+        self.snapshot_bytes = Histogram(
+            "soundcheck_snapshot_bytes", "Size of each snapshot written (compressed), by stream", ["stream"],
+            buckets=BYTES_BUCKETS, registry=registry,
+        )
+        self.snapshot_seconds = Histogram(
+            "soundcheck_snapshot_seconds", "Time to encode one snapshot (the event loop is busy meanwhile), by stream",
+            ["stream"], buckets=LATENCY_BUCKETS, registry=registry,
         )
 
     def value(self, name: str, **labels: str) -> float:

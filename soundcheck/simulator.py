@@ -13,6 +13,8 @@ Scenarios (each with a start, a duration, a place and a magnitude; names vary wi
 * ``latency_regression``: one service's latency triples in one region.
 * ``benign_surge``: traffic triples in one region, nothing breaks: must not page anyone.
 * ``flapping_metric``: a latency that crosses its SLO and back every 30 s.
+* ``slow_drift``: one service's memory creeps up (a leak) until it passes the 90% ceiling; the
+  predictive detector should warn before it does.
 * ``malformed_slice``: records that cannot be read (bad JSON, broken schema, NaN, negative
   latency, ratios out of range, far-future timestamps); they must all reach the dead-letter topic.
 
@@ -65,6 +67,7 @@ DEFAULT_PLAN = (
     ("latency_regression", 480, 180),
     ("benign_surge", 640, 180),
     ("flapping_metric", 660, 180),
+    ("slow_drift", 300, 420),
 )
 
 
@@ -169,12 +172,20 @@ class Simulator:
                 svc = rng.choice(["search", "user_auth", "audio_streaming"])
                 out.append(Injected(name, s, e, r, [{"service": svc, "region": r}], svc, "P1", details={"service": svc}))
             elif name == "benign_surge":
-                r = rng.choice(big)
+                # a big market, but not one where another incident could be running at the same time
+                busy = {regions[3], regions[4]}
+                r = rng.choice([x for x in big if x not in busy] or [x for x in regions if x not in busy])
                 out.append(Injected(name, s, e, r, [], None, None, must_not_page=True))
             elif name == "flapping_metric":
                 r = regions[4]
                 out.append(Injected(name, s, e, r, [{"service": "recommendation_engine", "region": r}], "recommendation_engine", "P1",
                                     details={"service": "recommendation_engine", "period_s": 30}))
+            elif name == "slow_drift":
+                r = regions[5]
+                svc = rng.choice(["content_catalog", "licensing_service", "ad_server"])
+                # memory climbs 45 points over the scenario: it passes the 90% ceiling about 3/4 of the way
+                out.append(Injected(name, s, e, r, [{"service": svc, "region": r}], svc, "P2",
+                                    details={"service": svc, "metric": "memory_percent", "crosses_at_ms": s + int(dur * 1000 * 35 / 45)}))
             elif name == "malformed_slice":
                 out.append(Injected(name, s, e, "", [], details={"per_second": 3}))
             else:
@@ -377,6 +388,10 @@ class Simulator:
         if flap and svc == "recommendation_engine" and region == flap.region:
             if ((ts - flap.start_ms) // 1000 // flap.details["period_s"]) % 2 == 0:
                 p95 = 400 * (1 + 0.15 * m)  # just above the 400 ms SLO, then back to normal
+        memory = rng.gauss(55, 1.5)
+        drift = self.active("slow_drift", ts)
+        if drift and svc == drift.details["service"] and region == drift.region:
+            memory += 45 * m * (ts - drift.start_ms) / (drift.end_ms - drift.start_ms)
         return {
             "ts": ts,
             "service": svc,
@@ -389,7 +404,7 @@ class Simulator:
                 "error_rate": round(min(err, 1.0), 5),
                 "requests_per_s": round(rps * load * rng.gauss(1, 0.05), 1),
                 "cpu_percent": round(cpu, 1),
-                "memory_percent": round(rng.gauss(55, 1.5), 1),
+                "memory_percent": round(min(memory, 100.0), 1),
             },
         }
 

@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry
 
 from soundcheck.alerting import ServiceGraph
 from soundcheck.contracts import Contract, load_contracts
+from soundcheck.kafka_admin import SNAPSHOT_MAX_BYTES
 from soundcheck.metrics import WorkerMetrics
 from soundcheck.settings import Settings
 
@@ -29,7 +30,8 @@ class WorkerContext:
     contracts: dict[str, Contract]
     graph: ServiceGraph
     topics: dict[str, Any] = field(default_factory=dict)  # faust topics by role
-    processors: dict[str, Any] = field(default_factory=dict)  # stream name -> StreamProcessor
+    processors: dict[str, Any] = field(default_factory=dict)  # stream name -> PartitionedProcessor
+    snapshots: Any = None  # agents.ingest.SnapshotKeeper: detector state snapshots per input partition
 
 
 def broker_urls(bootstrap: str) -> list[str]:
@@ -61,7 +63,8 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         web_in_thread=False,
         table_cleanup_interval=30.0,
         producer_linger_ms=5,
-        producer_max_request_size=8 * 1024 * 1024,  # a dead letter carries a whole (up to 1 MB) original message
+        # a dead letter carries a whole (up to 1 MB) original message; a detector state snapshot up to 16 MB
+        producer_max_request_size=SNAPSHOT_MAX_BYTES + 1024 * 1024,
         broker_commit_every=10_000,
         broker_commit_interval=1.0,
     )
@@ -81,6 +84,7 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
 
     from agents import alerting, ingest, web  # the agents are thin wiring over soundcheck.*
 
+    ingest.register_snapshots(app, ctx)
     for stream in t.inputs():
         ingest.register(app, ctx, stream)
     alerting.register(app, ctx)

@@ -3,11 +3,14 @@
 Instance samples are averaged per event-time window; each metric of a (service, region) is a
 feature of that entity's :class:`RobustBaseline`, with the service's SLO (from the dependency
 map) or the generic ceilings as absolute limits. Unknown metric names are tracked too (up to
-``MAX_METRICS`` names per worker), with a two-sided baseline.
+``MAX_METRICS`` names per worker), with a two-sided baseline. Every metric with an upper limit is
+also followed by a :class:`~soundcheck.detectors.forecast.SloForecaster`, which warns
+(``slo_forecast``) when its trend will cross the limit within the horizon, with the lead time.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
@@ -16,6 +19,7 @@ from ..contracts import SystemPerformanceSample
 from ..settings import Settings
 from .base import Finding, WindowedDetector, make_baseline
 from .baseline import RobustBaseline, Signal
+from .forecast import SloForecaster
 from .windows import WindowAggregate
 
 MAX_METRICS = 64
@@ -40,12 +44,13 @@ class SystemMetricsDetector(WindowedDetector):
 
     def __init__(self, settings: Settings, source_topic: str = "system_performance_metrics") -> None:
         self.ceilings = dict(settings.detection["system"]["ceilings"])
+        self.forecast_cfg = dict(settings.detection["system"]["forecast"])
         self.columns: dict[str, int] = {}
         self.untracked_metrics = 0
         super().__init__(settings, source_topic)
 
-    def new_state(self) -> RobustBaseline:
-        return make_baseline(self.settings, _Directions(self.settings), self.ceilings)
+    def new_state(self) -> "_ServiceState":
+        return _ServiceState(make_baseline(self.settings, _Directions(self.settings), self.ceilings))
 
     def _column(self, name: str) -> int | None:
         col = self.columns.get(name)
@@ -71,14 +76,55 @@ class SystemMetricsDetector(WindowedDetector):
         service, region = agg.key
         means = agg.mean()
         x = {name: float(means[col]) for name, col in self.columns.items() if agg.present[col] > 0}
-        baseline = self.entities.get(agg.key, agg.end)
+        state = self.entities.get(agg.key, agg.end)
+        baseline = state.baseline
         if baseline.observations == 0:  # a new entity: the service's own SLOs take over the generic ceilings
             baseline.limits = {**self.ceilings, **self.settings.services.get(service, {}).get("slo", {})}
         by_kind: dict[str, list[Signal]] = {}
         for s in baseline.update_one(x, agg.end):
             by_kind.setdefault(kind_of(s.metric), []).append(s)
+        entity = {"service": service, "region": region}
         details = {"metrics": {k: round(v, 4) for k, v in x.items()}}
-        return [Finding(kind, {"service": service, "region": region}, region, service, sigs, 0, details) for kind, sigs in by_kind.items()]
+        out = [Finding(kind, entity, region, service, sigs, 0, details) for kind, sigs in by_kind.items()]
+        foreseen = self._forecast(state, x, agg, {s.metric for sigs in by_kind.values() for s in sigs})
+        if foreseen:
+            out.append(foreseen)
+        return out
+
+    def _forecast(self, state: "_ServiceState", x: dict[str, float], agg: WindowAggregate, open_metrics: set[str]) -> Finding | None:
+        """Follow each metric that has an upper limit; warn when its trend will cross it soon."""
+        cfg = self.forecast_cfg
+        signals: list[Signal] = []
+        lead: dict[str, int] = {}
+        for name, value in x.items():
+            limit = (state.baseline.limits.get(name) or {}).get("max")
+            if limit is None:
+                continue
+            f = state.forecasters.get(name)
+            if f is None:
+                f = state.forecasters[name] = SloForecaster(
+                    limit, step_s=self.windows.size_ms // 1000, horizon_s=int(cfg["horizon_s"]), alpha=float(cfg["alpha"]),
+                    beta=float(cfg["beta"]), warmup=int(cfg["warmup_windows"]), confirm=int(cfg["confirm_windows"]),
+                )
+            fc = f.update(value)
+            if fc is not None and name not in open_metrics:
+                signals.append(Signal(name, value, fc.crossing, round(fc.lead_time_s / 60, 2), limit, agg.end))
+                lead[name] = fc.lead_time_s
+        if not signals:
+            return None
+        service, region = agg.key
+        soonest = min(lead.values())
+        return Finding(
+            "slo_forecast", {"service": service, "region": region}, region, service, signals, 0,
+            {"lead_time_s": soonest, "forecast_crossing_at": agg.end + soonest * 1000, "lead_times_s": lead,
+             "model": "river.time_series.HoltWinters (linear trend)"},
+        )
+
+
+@dataclass(slots=True)
+class _ServiceState:
+    baseline: RobustBaseline
+    forecasters: dict[str, SloForecaster] = field(default_factory=dict)
 
 
 class _Directions(dict):

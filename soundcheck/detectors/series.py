@@ -1,0 +1,272 @@
+"""Online anomaly detection for one univariate metric series, in River's style.
+
+``SeriesDetector`` turns each new value of a series into an anomaly score in [0, 1], using only
+that value and the ones before it (``update`` scores first, then learns). It is meant for one
+(service, region, metric) series fed with window means, and for one NAB file fed row by row
+(``soundcheck eval nab``): one configuration for every series, set only in ``__init__``.
+
+How a value is scored:
+
+* **Predictors.** Three predictions of the value: the last value, a fast exponentially weighted
+  mean, and, once the timestamps show a sampling interval shorter than 6 h, a daily profile
+  (an EW mean per time-of-day bucket, at most ``buckets`` a day, plus a fast EW offset of the
+  residuals from it) that copes with daily seasonality. Each predictor keeps an EW mean absolute
+  residual (its scale). The residual z of the row is the smallest ``|x - pred| / scale`` among the
+  predictors whose scale is within ``eligible`` times the best one: a value is surprising only
+  if no predictor that fits the series well explains it (a daily step is no anomaly when the
+  profile foresaw it; a spike, a level shift or a broken daily pattern is).
+* **Novelty.** How far the value lies outside the central ``1 - 2 range_q`` of the last
+  ``range_window`` values, in units of that range: catches slow drifts to levels not seen before,
+  which a predictor following the drift would not notice.
+* **Calibration.** Each statistic is divided by its own high quantile (``q``) over the series'
+  history (a log-spaced histogram), but not by less than ``z_min``: a noisy series with frequent
+  large deviations needs larger ones to alarm, a quiet series alarms on smaller ones. The larger
+  of the two calibrated statistics ``e`` gives the score ``e / (e + 1)``: 0.5 is "as unusual as
+  the top ``1 - q`` of this series' history, and at least ``z_min`` robust deviations".
+* **Keeping anomalies out of the baseline.** A row whose residual z exceeds ``clip`` is learned
+  shrunk to z = ``clip`` (a Huber-style update): spikes barely move the predictors, a lasting
+  level shift is learned within a few dozen rows.
+* **Refractory period.** For ``refractory`` rows after a score, a score that is not higher than
+  every score since is damped (times ``damp``): one alarm when an anomaly starts, not one per row.
+
+Non-finite values are neither scored (score 0.0) nor learned. Timestamps may be ``datetime``,
+ISO-8601 text, or numbers (seconds since the epoch); without timestamps the daily profile is off.
+
+>>> import math
+>>> det = SeriesDetector()
+>>> day = [10 + 5 * math.sin(2 * math.pi * h / 24) for h in range(24)]
+>>> scores = [det.update(v, 3600.0 * i) for i, v in enumerate(day * 10)]
+>>> max(scores[-48:]) < 0.5
+True
+>>> det.update(40.0, 3600.0 * 240) > 0.8
+True
+>>> det2 = SeriesDetector()
+>>> [det2.update(v, 3600.0 * i) for i, v in enumerate(day * 10)] == scores  # deterministic
+True
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections import deque
+from datetime import datetime, timezone
+from typing import Any, Optional
+
+DAY = 86400.0
+_MODELS = ("last", "fast", "season")
+
+
+def to_seconds(ts: Any) -> Optional[float]:
+    """A timestamp as seconds since the epoch: ``datetime`` (naive = UTC), ISO text, or a number."""
+    if ts is None:
+        return None
+    if isinstance(ts, (int, float)):
+        return float(ts)
+    if isinstance(ts, str):
+        ts = datetime.fromisoformat(ts.strip())
+    if isinstance(ts, datetime):
+        if ts.tzinfo is None:
+            ts = ts.replace(tzinfo=timezone.utc)
+        return ts.timestamp()
+    raise TypeError(f"unsupported timestamp {ts!r}")
+
+
+class SeriesDetector:
+    """Online anomaly score in [0, 1] for one univariate series (see the module doc).
+
+    Parameters
+    ----------
+    fast: weight of a new value in the fast EW mean (and in the daily profile's offset).
+    spread: weight of a new residual in each predictor's scale (EW mean absolute residual).
+    clip: residual z above which a row is learned shrunk to this z (keeps anomalies out).
+    season_days: weight of a new day in the daily profile (per bucket, per day).
+    buckets: most time-of-day buckets of the daily profile.
+    eligible: predictors whose scale is within this factor of the best one explain a value.
+    range_window, range_q, novelty_gain: the novelty statistic (see the module doc).
+    q, z_min: calibration of each statistic against its own history (see the module doc).
+    refractory, damp: rows after a score in which lower scores are damped, and by how much.
+    warmup: rows scored 0.0 at the start (still learned).
+    """
+
+    def __init__(
+        self,
+        fast: float = 0.1,
+        spread: float = 0.01,
+        clip: float = 3.0,
+        season_days: float = 0.3,
+        buckets: int = 288,
+        eligible: float = 2.0,
+        range_window: int = 2000,
+        range_q: float = 0.005,
+        novelty_gain: float = 30.0,
+        q: float = 0.99,
+        z_min: float = 3.0,
+        refractory: int = 200,
+        damp: float = 0.5,
+        warmup: int = 20,
+    ) -> None:
+        self.fast = fast
+        self.spread = spread
+        self.clip = clip
+        self.season_days = season_days
+        self.buckets = buckets
+        self.eligible = eligible
+        self.range_window = range_window
+        self.range_q = range_q
+        self.novelty_gain = novelty_gain
+        self.q = q
+        self.z_min = z_min
+        self.refractory = refractory
+        self.damp = damp
+        self.warmup = warmup
+
+        self.n = 0  # rows learned
+        self.last: Optional[float] = None
+        self.mean_fast = 0.0
+        self.mean_slow = 0.0
+        self.dev_slow = 0.0
+        self.scale = {m: 0.0 for m in _MODELS}
+        self.seen = {m: 0 for m in _MODELS}
+        # sampling interval and daily profile
+        self.t_prev: Optional[float] = None
+        self.diffs: list[float] = []
+        self.dt: Optional[float] = None
+        self.profile: Optional[list[Optional[list]]] = None  # per bucket: [mean, days seen, last day]
+        self.offset = 0.0
+        # novelty: the last values, in arrival order and sorted
+        self.fifo: deque = deque()
+        self.sorted_values: list[float] = []
+        # calibration histograms of the two statistics (log-spaced bins from 0.1 to 1e5)
+        self._n_bins = 80
+        self._bin_log = math.log(1e6) / (self._n_bins - 2)
+        self.hist_pred = [0.0] * self._n_bins
+        self.hist_novel = [0.0] * self._n_bins
+        self.hist_n = 0.0
+        # refractory: (row, score) of a monotone deque, for the max of the recent scores
+        self.recent: deque = deque()
+        self.parts: tuple[float, float] = (0.0, 0.0)  # the last row's calibrated statistics
+
+    def __repr__(self) -> str:
+        return f"SeriesDetector(n={self.n}, dt={self.dt})"
+
+    # ---------------------------------------------------------------------------- time of day
+    def _bucket(self, t: Optional[float]) -> Optional[int]:
+        if t is None:
+            return None
+        if self.t_prev is not None and t > self.t_prev and len(self.diffs) < 64:
+            self.diffs.append(t - self.t_prev)
+            self.dt = sorted(self.diffs)[len(self.diffs) // 2]
+        self.t_prev = t if self.t_prev is None else max(t, self.t_prev)
+        if self.dt is None or self.dt > DAY / 4:
+            return None
+        nb = max(1, int(round(DAY / max(self.dt, DAY / self.buckets))))
+        if self.profile is None or len(self.profile) != nb:
+            self.profile = [None] * nb
+        width = DAY / nb
+        return int(((t % DAY) + 1e-3) // width) % nb
+
+    # ------------------------------------------------------------------------------ calibration
+    def _bin(self, z: float) -> int:
+        if z <= 0.1:
+            return 0
+        return min(self._n_bins - 1, 1 + int(math.log(z / 0.1) / self._bin_log))
+
+    def _quantile(self, hist: list[float]) -> float:
+        need = (1.0 - self.q) * self.hist_n
+        acc = 0.0
+        for k in range(self._n_bins - 1, 0, -1):
+            acc += hist[k]
+            if acc > need:
+                return 0.1 * math.exp(self._bin_log * (k - 1))
+        return 0.1
+
+    # ---------------------------------------------------------------------------------- update
+    def update(self, x: float, ts: Any = None) -> float:
+        """Score ``x`` (observed at ``ts``) against the past, then learn it; return the score."""
+        x = float(x)
+        if not math.isfinite(x):
+            return 0.0
+        t = to_seconds(ts)
+        b = self._bucket(t)
+        day = None if t is None else int(t // DAY)
+
+        preds: dict[str, float] = {}
+        if self.last is not None:
+            preds["last"] = self.last
+            preds["fast"] = self.mean_fast
+        slot = self.profile[b] if (b is not None and self.profile is not None) else None
+        if slot is not None and slot[1] >= 2:
+            preds["season"] = slot[0] + self.offset
+
+        # residual z: the best-fitting predictors must all be surprised
+        floor = max(0.02 * self.dev_slow, 1e-9 * abs(self.mean_slow), 1e-12)
+        zs = {m: abs(x - p) / max(1.25 * self.scale[m], floor) for m, p in preds.items() if self.seen[m] >= 5}
+        z = 0.0
+        if zs:
+            best = min(self.scale[m] for m in zs)
+            z = min(zs[m] for m in zs if self.scale[m] <= self.eligible * best + floor)
+
+        # novelty: outside the central range of the recent values
+        zn = 0.0
+        win = self.sorted_values
+        if len(win) >= 50:
+            k = int(self.range_q * len(win))
+            lo, hi = win[k], win[len(win) - 1 - k]
+            zn = self.novelty_gain * max(x - hi, lo - x, 0.0) / max(hi - lo, floor)
+
+        # calibrate each statistic against its own history
+        e_pred = z / max(self._quantile(self.hist_pred), self.z_min)
+        e_novel = zn / max(self._quantile(self.hist_novel), self.z_min)
+        self.parts = (e_pred, e_novel)
+        e = max(e_pred, e_novel)
+        raw = e / (e + 1.0)
+
+        self._learn(x, preds, z, zn, slot, b, day)
+
+        if self.n <= self.warmup:
+            return 0.0
+        # refractory: within `refractory` rows of a score, only a higher one comes through
+        dq = self.recent
+        while dq and dq[0][0] <= self.n - self.refractory:
+            dq.popleft()
+        peak = dq[0][1] if dq else 0.0
+        out = raw if raw > peak else raw * self.damp
+        while dq and dq[-1][1] <= raw:
+            dq.pop()
+        dq.append((self.n, raw))
+        return min(max(out, 0.0), 1.0)
+
+    def _learn(self, x: float, preds: dict, z: float, zn: float, slot: Optional[list], b: Optional[int], day: Optional[int]) -> None:
+        self.n += 1
+        self.hist_pred[self._bin(z)] += 1.0
+        self.hist_novel[self._bin(zn)] += 1.0
+        self.hist_n += 1.0
+        # an anomalous row is learned shrunk to z = clip
+        shrink = 1.0 if z < self.clip else self.clip / z
+        for m, p in preds.items():
+            a = self.spread if self.seen[m] >= 20 else 1.0 / (self.seen[m] + 1)
+            self.scale[m] += a * (abs(x - p) * shrink - self.scale[m])
+            self.seen[m] += 1
+        if self.last is None:
+            self.last = self.mean_fast = self.mean_slow = x
+        else:
+            self.last += (x - self.last) * shrink
+            self.mean_fast += self.fast * (x - self.mean_fast) * shrink
+            self.mean_slow += 0.01 * (x - self.mean_slow)
+            self.dev_slow += 0.01 * (abs(x - self.mean_slow) - self.dev_slow)
+        if b is not None and self.profile is not None:
+            if slot is None:
+                self.profile[b] = [x, 1, day]
+            else:
+                self.offset += self.fast * ((x - slot[0]) * shrink - self.offset)
+                per_day = max(1.0, DAY / len(self.profile) / self.dt)
+                slot[0] += (self.season_days / per_day) * (x - slot[0]) * shrink
+                if day != slot[2]:
+                    slot[1] += 1
+                    slot[2] = day
+        bisect.insort(self.sorted_values, x)
+        self.fifo.append(x)
+        if len(self.fifo) > self.range_window:
+            old = self.fifo.popleft()
+            del self.sorted_values[bisect.bisect_left(self.sorted_values, old)]

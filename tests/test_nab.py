@@ -1,0 +1,184 @@
+"""NAB evaluation: the scorer reproduces NAB's published figures; the series detector is online."""
+
+from __future__ import annotations
+
+import csv
+import pickle
+import shutil
+from argparse import Namespace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from soundcheck import nab
+from soundcheck.detectors.series import SeriesDetector
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "nab"
+LABELS = SHARED / "labels" / "combined_windows.json"
+
+# published figures on the slice (standard, reward_low_FP_rate, reward_low_FN_rate)
+REFERENCE = {
+    "numenta": (64.85, 59.12, 69.85),
+    "windowedGaussian": (28.16, 22.38, 31.59),
+}
+SMALL = ["realAdExchange/exchange-4_cpc_results.csv", "realKnownCause/ec2_request_latency_system_failure.csv"]
+
+
+@pytest.fixture(scope="module")
+def shared() -> Path:
+    if not (SHARED / "data").is_dir() or not LABELS.is_file():
+        pytest.fail(f"the NAB slice is missing: expected it at {SHARED} (../shared/nab beside the project)")
+    return SHARED
+
+
+@pytest.fixture(scope="module")
+def windows(shared: Path) -> dict:
+    return nab.load_windows(LABELS)
+
+
+@pytest.mark.parametrize("detector", sorted(REFERENCE))
+def test_scorer_reproduces_reference_figures(shared: Path, windows: dict, detector: str) -> None:
+    scores = nab.score_folder(shared / "reference" / detector, windows, prefix=f"{detector}_")
+    got = tuple(round(scores[p].score, 2) for p in ("standard", "reward_low_FP_rate", "reward_low_FN_rate"))
+    assert got == pytest.approx(REFERENCE[detector], abs=0.005)
+
+
+def test_default_profiles_match_config(shared: Path) -> None:
+    from_file = nab.load_profiles(shared / "config" / "profiles.json")
+    for name, weights in nab.load_profiles().items():
+        for k in ("tpWeight", "fpWeight", "fnWeight"):
+            assert from_file[name][k] == weights[k]
+
+
+def _toy(n: int = 1000) -> tuple[list[str], dict]:
+    start = np.datetime64("2020-01-01T00:00:00", "s")
+    ts = [np.datetime_as_string(start + np.timedelta64(300 * i, "s")).replace("T", " ") for i in range(n)]
+    return ts, {"a/toy.csv": [(ts[400], ts[449]), (ts[700], ts[719])]}
+
+
+def test_scorer_null_perfect_and_false_positive_weights() -> None:
+    ts, wins = _toy()
+    zeros = np.zeros(len(ts))
+    assert nab.score_corpus({"a/toy.csv": (ts, zeros)}, wins)["standard"].score == 0.0
+    perfect = zeros.copy()
+    perfect[[400, 700]] = 1.0
+    res = nab.score_corpus({"a/toy.csv": (ts, perfect)}, wins)
+    # the earliest row of a window is worth tpWeight exactly (sig(-1) / sig(-1))
+    assert res["standard"].score == pytest.approx(100.0)
+    assert res["standard"].tp == 2 and res["standard"].fp == 0
+    # a false positive before any window ends costs -fpWeight; right after a window it costs less
+    lay = nab.file_layout(ts, wins["a/toy.csv"])
+    assert lay.fp[300] == -1.0
+    assert -1.0 < lay.fp[451] < 0.0 and lay.fp[451] > lay.fp[470]
+    assert lay.scored.sum() == len(ts) - 150  # probation: floor(0.15 * 1000)
+
+
+def test_scorer_window_in_timestamps_only(windows: dict) -> None:
+    # a window whose bounds are not row timestamps covers the rows inside [start, end]
+    ts, _ = _toy()
+    lay = nab.file_layout(ts, [("2020-01-02 09:02:00", "2020-01-02 10:58:00")])
+    rows = np.nonzero(lay.window == 0)[0]
+    assert ts[rows[0]] == "2020-01-02 09:05:00" and ts[rows[-1]] == "2020-01-02 10:55:00"
+
+
+def _series(shared: Path, name: str):
+    return nab.read_series(shared / "data" / name)
+
+
+def test_detector_is_online_and_deterministic(shared: Path) -> None:
+    ts, values = _series(shared, SMALL[0])
+    full = nab.detect_series(ts, values)
+    again = nab.detect_series(ts, values)
+    assert np.array_equal(full, again)
+    k = 900
+    prefix = nab.detect_series(ts[:k], values[:k])
+    assert np.array_equal(prefix, full[:k])
+    # changing the future does not change the past
+    altered = values.copy()
+    altered[k:] = altered[k:] * 10 + 5
+    assert np.array_equal(nab.detect_series(ts, altered)[:k], full[:k])
+    assert ((full >= 0) & (full <= 1)).all()
+
+
+def test_detector_pickle_round_trip(shared: Path) -> None:
+    ts, values = _series(shared, SMALL[0])
+    det = SeriesDetector()
+    for t, v in zip(ts[:700], values[:700]):
+        det.update(v, t)
+    clone = pickle.loads(pickle.dumps(det))
+    a = [det.update(v, t) for t, v in zip(ts[700:], values[700:])]
+    b = [clone.update(v, t) for t, v in zip(ts[700:], values[700:])]
+    assert a == b
+
+
+def test_detector_timestamps_and_bad_values() -> None:
+    det = SeriesDetector(warmup=0)
+    assert det.update(float("nan"), 0) == 0.0
+    for i in range(100):
+        det.update(10.0 + (i % 3), 10.0 * i)  # numeric seconds, 10 s windows
+    assert det.dt == 10.0
+    assert det.update(10.0, 1000.0) < 0.5 < det.update(1000.0, 1010.0)
+
+
+def _copy_small(shared: Path, tmp_path: Path) -> Path:
+    data = tmp_path / "data"
+    for name in SMALL:
+        (data / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(shared / "data" / name, data / name)
+    return data
+
+
+def test_run_writes_results_and_scores(shared: Path, windows: dict, tmp_path: Path) -> None:
+    data = _copy_small(shared, tmp_path)
+    seen = []
+    report = nab.run(data, tmp_path / "out", {k: windows[k] for k in SMALL}, progress=lambda i, n, name: seen.append((i, n)))
+    assert seen == [(1, 2), (2, 2)]
+    assert report["files"] == 2 and report["rows_per_s"] > 0
+    for name in SMALL:
+        cat, fname = name.split("/")
+        out = tmp_path / "out" / cat / f"soundcheck_{fname}"
+        with open(out, newline="") as f:
+            rows = list(csv.reader(f))
+        ts, values = nab.read_series(data / name)
+        assert rows[0] == ["timestamp", "value", "anomaly_score"]
+        assert len(rows) - 1 == len(ts)
+        assert [r[0] for r in rows[1:]] == ts
+        assert np.allclose([float(r[1]) for r in rows[1:]], values)
+        s = np.array([float(r[2]) for r in rows[1:]])
+        assert ((s >= 0) & (s <= 1)).all()
+    scores = report["scores"]
+    assert set(scores) == {"standard", "reward_low_FP_rate", "reward_low_FN_rate"}
+    # a sanity floor on two files with clear anomalies, not the benchmark goal
+    assert scores["standard"].score > 40 and scores["standard"].tp >= 4
+
+
+def test_cli_main(shared: Path, windows: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    data = _copy_small(shared, tmp_path)
+    labels = tmp_path / "labels.json"
+    labels.write_text(__import__("json").dumps({k: windows[k] for k in SMALL}))
+    rc = nab.cli_main(Namespace(data=str(data), out=str(tmp_path / "out"), windows=str(labels), profiles=None))
+    out = capsys.readouterr().out
+    assert rc == 0 and "rows/s" in out and "reward_low_FN_rate" in out and "Numenta HTM" in out
+
+
+def test_bad_input_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(nab.NabError, match="no such data folder"):
+        nab.run(tmp_path / "nope", tmp_path / "out")
+    bad = tmp_path / "data" / "cat"
+    bad.mkdir(parents=True)
+    (bad / "h.csv").write_text("time,val\n2020-01-01 00:00:00,1\n")
+    with pytest.raises(nab.NabError, match=r"h\.csv:1: expected the header"):
+        nab.run(tmp_path / "data", tmp_path / "out")
+    (bad / "h.csv").write_text("timestamp,value\n2020-01-01 00:00:00,1\n2020-01-01 00:05:00,abc\n")
+    with pytest.raises(nab.NabError, match=r"h\.csv:3: non-numeric value 'abc'"):
+        nab.run(tmp_path / "data", tmp_path / "out")
+    (bad / "h.csv").write_text("timestamp,value\nyesterday,1\n")
+    with pytest.raises(nab.NabError, match=r"h\.csv:2: bad timestamp"):
+        nab.read_series(bad / "h.csv")
+    rc = nab.cli_main(Namespace(data=str(tmp_path / "nope"), out=str(tmp_path / "o"), windows=None, profiles=None))
+    assert rc == 2 and "no such data folder" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(nab.NabError, match="no CSV files"):
+        nab.run(empty, tmp_path / "out")

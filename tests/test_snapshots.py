@@ -1,0 +1,272 @@
+"""Detector state snapshots: the format (round trip, refusals) and a restart against a real broker."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import pickle
+import time
+import zlib
+from types import SimpleNamespace
+
+import orjson
+import pytest
+from prometheus_client import CollectorRegistry
+
+from soundcheck import snapshots
+from soundcheck.contracts import load_contracts
+from soundcheck.harness import WorkerProcess, worker_env
+from soundcheck.kafka_admin import ensure_topics_async, read_latest, snapshot_topic, worker_topics
+from soundcheck.metrics import WorkerMetrics
+from soundcheck.pipeline import PROGRESS_SKEW_MS, PartitionedProcessor, StreamProcessor
+from soundcheck.produce import produce
+from soundcheck.simulator import Simulator, encode
+
+T0 = 1_700_000_000_000
+
+
+def _fed(settings, stream: str, seconds: int = 240, seed: int = 4) -> StreamProcessor:
+    """A processor that has learned ``seconds`` of normal traffic of ``stream``."""
+    proc = StreamProcessor.create(settings, stream)
+    for b in Simulator(seed=seed, rate=60, duration_s=seconds, start_ms=T0, plan=()).ticks():
+        if b.stream != stream:
+            continue
+        recs = [r for v in encode(b, 50) for r in proc.decode(v, T0 + 3_600_000)[0]]
+        proc.detect(recs, {0: max(r.ts for r in recs)}, now=T0 / 1000 + 3600)
+    return proc
+
+
+def _snapshot(settings, proc: StreamProcessor, stream: str, partition: int = 0, offset: int = 99) -> bytes:
+    return snapshots.encode_snapshot(snapshots.capture(proc), stream=stream, partition=partition, last_offset=offset,
+                                     last_event_time=proc.watermark(), settings=settings)
+
+
+def _rewrite(blob: bytes, **changes) -> bytes:
+    header, payload = snapshots.decode_header(blob)
+    raw = orjson.dumps({**header, **changes})
+    return snapshots.MAGIC + len(raw).to_bytes(4, "big") + raw + payload
+
+
+def _baselines(proc: StreamProcessor) -> dict:
+    out = {}
+    for det in proc.detectors:
+        if hasattr(det, "users"):  # fraud: the per-user counters (dataclasses compare by value)
+            out[det.name] = dict(det.users._items)
+            continue
+        for key in det.entities.keys():
+            b = det.entities._items[key][1]
+            b = getattr(b, "baseline", b)
+            out[(det.name, key)] = (b.observations, {n: b.expected(n) for n in sorted(b._features)})
+    return out
+
+
+@pytest.mark.parametrize("stream", ["audio", "behavior", "system"])
+def test_a_snapshot_round_trip_restores_the_learned_state_and_the_detection_that_follows(settings, stream):
+    proc = _fed(settings, stream)
+    blob = _snapshot(settings, proc, stream, partition=2, offset=1234)
+    header, state = snapshots.decode_snapshot(blob, settings)
+    assert header["format"] == snapshots.FORMAT_VERSION and header["river"] == "0.26.1"
+    assert (header["stream"], header["partition"], header["last_offset"]) == (stream, 2, 1234)
+    assert header["last_event_time"] == proc.watermark() and header["created_at"] > 0 and header["soundcheck"]
+    restored = StreamProcessor.create(settings, stream)
+    assert snapshots.restore(restored, state) > 0
+    assert _baselines(restored) == _baselines(proc) and _baselines(proc)
+    assert restored.open_windows == proc.open_windows
+    # the same later traffic gives the same findings from the original and from the restored state
+    later = Simulator(seed=4, rate=60, duration_s=120, start_ms=T0 + 240_000, plan=())
+    found = {id(proc): [], id(restored): []}
+    for b in later.ticks():
+        if b.stream != stream:
+            continue
+        for p in (proc, restored):
+            recs = [r for v in encode(b, 50) for r in p.decode(v, T0 + 3_600_000)[0]]
+            found[id(p)].extend(a.to_json() for a in p.detect(recs, {0: max(r.ts for r in recs)}, now=T0 / 1000 + 3600))
+    for p in (proc, restored):
+        found[id(p)].extend(a.to_json() for a in p.flush())
+    assert found[id(proc)] == found[id(restored)]
+    assert _baselines(restored) == _baselines(proc)
+
+
+def test_the_settings_are_not_in_the_snapshot_the_restoring_workers_stand_in(settings):
+    proc = _fed(settings, "system", seconds=60)
+    blob = _snapshot(settings, proc, "system")
+    assert b"pseudonym" not in zlib.decompress(snapshots.decode_header(blob)[1])
+    other = settings.replace(kafka={"app_id": "another"})
+    _, state = snapshots.decode_snapshot(blob, other)
+    restored = StreamProcessor.create(other, "system")
+    snapshots.restore(restored, state)
+    det = restored.detectors[0]
+    baseline = next(iter(det.entities._items.values()))[1]
+    assert getattr(baseline, "baseline", baseline).min_change._settings is other
+    with pytest.raises(snapshots.SnapshotRejected):  # without settings it cannot be restored
+        snapshots.decode_snapshot(blob)
+
+
+@pytest.mark.parametrize("field,value,reason", [
+    ("format", snapshots.FORMAT_VERSION + 1, "format_version"),
+    ("river", "0.21.0", "river_version"),
+    ("state_schema", "0" * 16, "state_schema"),
+])
+def test_a_snapshot_of_another_format_or_river_version_is_refused(settings, field, value, reason):
+    blob = _rewrite(_snapshot(settings, _fed(settings, "audio", 60), "audio"), **{field: value})
+    with pytest.raises(snapshots.SnapshotRejected) as err:
+        snapshots.decode_snapshot(blob, settings)
+    assert err.value.reason == reason
+
+
+def test_a_snapshot_with_another_soundcheck_version_is_restored(settings):
+    blob = _rewrite(_snapshot(settings, _fed(settings, "audio", 60), "audio"), soundcheck="0.0.1")
+    assert snapshots.decode_snapshot(blob, settings)[0]["soundcheck"] == "0.0.1"
+
+
+def test_corrupt_bytes_are_refused(settings):
+    good = _snapshot(settings, _fed(settings, "audio", 60), "audio")
+    flipped = bytearray(good)
+    flipped[-10] ^= 0xFF
+    cases = [b"", b"SCSNAP", b"garbage" * 10, good[:-5], bytes(flipped), good[:20], snapshots.MAGIC + b"\xff\xff\xff\xff{}",
+             snapshots.MAGIC + (2).to_bytes(4, "big") + b"[]" + good[-10:]]
+    for blob in cases:
+        with pytest.raises(snapshots.SnapshotRejected) as err:
+            snapshots.decode_snapshot(blob, settings)
+        assert err.value.reason == "corrupt"
+
+
+def test_a_payload_naming_any_other_callable_is_refused(settings):
+    import os
+
+    for payload_obj in (os.system, print, snapshots.encode_snapshot):
+        payload = zlib.compress(pickle.dumps(payload_obj))
+        blob = _rewrite(_snapshot(settings, StreamProcessor.create(settings, "audio"), "audio"),
+                        payload_bytes=len(payload), payload_crc32=zlib.crc32(payload))
+        blob = blob[: -len(snapshots.decode_header(blob)[1])] + payload
+        with pytest.raises(snapshots.SnapshotRejected, match="not allowed"):
+            snapshots.decode_snapshot(blob, settings)
+
+
+def test_state_is_per_partition_and_each_partition_has_its_own_watermark(settings):
+    pp = PartitionedProcessor.create(settings, "audio")
+    sim = Simulator(seed=2, rate=60, duration_s=60, start_ms=T0, plan=())
+    batches = [b for b in sim.ticks() if b.stream == "audio"]
+    now = T0 / 1000 + 3600
+    for i, b in enumerate(batches):
+        recs = [r for v in encode(b, 50) for r in pp.decode(v, T0 + 3_600_000)[0]]
+        pp.detect(0, recs, max(r.ts for r in recs), offset=i, now=now)  # partition 0 runs a minute ahead
+    first = [r for v in encode(batches[0], 50) for r in pp.decode(v, T0 + 3_600_000)[0]]
+    pp.detect(1, first, max(r.ts for r in first), offset=0, now=now)
+    p0, p1 = pp.partitions[0], pp.partitions[1]
+    assert p1.watermark(now) < p0.watermark(now) - 30_000  # partition 0 does not close partition 1's windows
+    assert p1.open_windows > 0 and p1.late_events == 0
+    assert pp.seen(0, len(batches) - 1) and not pp.seen(0, len(batches)) and not pp.seen(2, 0)
+    far = int(now * 1000) + 10 * PROGRESS_SKEW_MS  # the future is still capped per partition
+    pp.detect(3, [], far, offset=0, now=now)
+    pp.detect(3, first[:1], far, offset=1, now=now)
+    assert pp.partitions[3].watermark(now) <= int(now * 1000) + PROGRESS_SKEW_MS
+    assert pp.tracked()["audio.baseline"] == sum(len(p.detectors[0].entities) for p in pp.partitions.values()) > 0
+    windows = pp.open_windows
+    pp.drop(1)
+    assert 1 not in pp.partitions and 1 not in pp.offsets and pp.open_windows == windows - p1.open_windows
+
+
+def test_the_keeper_restores_a_good_snapshot_and_counts_and_logs_once_a_refused_one(settings, caplog):
+    from agents.ingest import SnapshotKeeper
+
+    contracts = load_contracts()
+    metrics = WorkerMetrics(CollectorRegistry())
+    ctx = SimpleNamespace(settings=settings, metrics=metrics, contracts=contracts,
+                          processors={"audio": PartitionedProcessor.create(settings, "audio", contracts)})
+    keeper = SnapshotKeeper(SimpleNamespace(), ctx)
+    good = _snapshot(settings, _fed(settings, "audio", 120), "audio", partition=1, offset=77)
+    assert keeper.load("audio", 1, good)
+    pp = ctx.processors["audio"]
+    assert pp.offsets[1] == 77 and pp.tracked()["audio.baseline"] > 0 and not pp.dirty
+    assert metrics.value("soundcheck_snapshots_restored_total", stream="audio") == 1
+    bad = _rewrite(good, river="0.19.0")
+    with caplog.at_level(logging.WARNING, logger="agents.ingest"):
+        assert not keeper.load("audio", 2, bad)
+        assert not keeper.load("audio", 2, bad)
+        assert not keeper.load("audio", 0, good)  # a snapshot under another partition's key
+    assert metrics.value("soundcheck_snapshots_rejected_total", stream="audio") == 3
+    assert sum("River" in r.getMessage() for r in caplog.records) == 1
+    assert 2 not in pp.partitions and 0 not in pp.partitions
+
+
+def test_the_snapshot_interval_comes_from_the_environment_when_set():
+    from agents.ingest import SNAPSHOT_INTERVAL_S, snapshot_interval
+
+    assert snapshot_interval({}) == SNAPSHOT_INTERVAL_S == 30
+    assert snapshot_interval({"SOUNDCHECK_SNAPSHOT_INTERVAL_S": "1.5"}) == 1.5
+
+
+# ---------------------------------------------------------------------------------------------
+# a restart against the real broker
+
+
+def _isolated(settings, bootstrap, unique_name):
+    topics = {role: unique_name(name) for role, name in settings.topics.__dict__.items()}
+    s = settings.replace(kafka={"bootstrap_servers": bootstrap, "app_id": unique_name("soundcheck-snap")}, topics=topics)
+    asyncio.run(ensure_topics_async(bootstrap, worker_topics(s), s.kafka.partitions, 1))
+    return s
+
+
+def _worker(s, tmp_path, name):
+    env = worker_env(s.kafka.bootstrap_servers, s.kafka.app_id, s.topics.__dict__, tmp_path / f"{name}-data",
+                     {"SOUNDCHECK_SNAPSHOT_INTERVAL_S": "1"})
+    return WorkerProcess(env, tmp_path / f"{name}.log").start()
+
+
+def _sum(worker: WorkerProcess, prefix: str, **labels: str) -> float:
+    want = [f'{k}="{v}"' for k, v in labels.items()]
+    return sum(v for k, v in worker.metrics().items()
+               if (k == prefix or k.startswith(prefix + "{")) and all(w in k for w in want))
+
+
+def _settled(worker: WorkerProcess, events: int) -> bool:
+    """Everything read, the windows flushed, every anomaly through alerting."""
+    return (_sum(worker, "soundcheck_events_in_total") >= events and _sum(worker, "soundcheck_open_windows") == 0
+            and _sum(worker, "soundcheck_anomalies_handled_total") >= _sum(worker, "soundcheck_anomalies_total"))
+
+
+@pytest.mark.integration
+def test_a_restarted_worker_restores_its_detector_state_and_does_not_page_on_its_cold_start(kafka_bootstrap, unique_name,
+                                                                                           tmp_path, settings):
+    s = _isolated(settings, kafka_bootstrap, unique_name)
+    start = (int(time.time()) - 900) * 1000
+    warmup = Simulator(seed=13, rate=60, duration_s=240, start_ms=start, plan=())
+    first = _worker(s, tmp_path, "first")
+    try:
+        first.wait_ready()
+        truth = asyncio.run(produce(warmup, s, batch=20))
+        valid = sum(truth["produced_valid"].values())
+        first.wait_for(lambda: _settled(first, valid), timeout=180, what="the warm-up traffic read and flushed")
+        first.wait_for(lambda: all(_sum(first, "soundcheck_snapshots_written_total", stream=st) > 0 for st in ("audio", "behavior", "system")),
+                       timeout=60, what="periodic snapshots of every stream")
+        learned = {k: v for k, v in first.metrics().items() if k.startswith("soundcheck_tracked_entities")}
+        assert sum(learned.values()) > 0 and _sum(first, "soundcheck_alerts_total") == 0
+    finally:
+        assert first.stop() == 0, first.log_tail()  # SIGTERM: a clean shutdown writes what changed since
+
+    stored = asyncio.run(read_latest(kafka_bootstrap, snapshot_topic(s)))
+    assert {k.decode().split(":")[0] for k in stored} == {"audio", "behavior", "system"}
+    header = snapshots.decode_header(next(iter(stored.values())))[0]
+    assert header["river"] == "0.26.1" and header["last_offset"] >= 0
+
+    second = _worker(s, tmp_path, "second")
+    try:
+        second.wait_ready()
+        second.wait_for(lambda: _sum(second, "soundcheck_snapshots_restored_total") >= len(stored), timeout=60,
+                        what="every partition's snapshot restored")
+        # before any new record: the entities and baselines are back, where a worker of a fresh app id (no
+        # snapshot) tracks nothing until it has read traffic, and then needs warmup_windows of it per entity
+        restored = {k: v for k, v in second.metrics().items() if k.startswith("soundcheck_tracked_entities")}
+        assert restored == learned
+        assert _sum(second, "soundcheck_snapshots_rejected_total") == 0
+        assert _sum(second, "soundcheck_events_in_total") == 0  # nothing read twice: the offsets were committed
+
+        later = Simulator(seed=13, rate=60, duration_s=120, start_ms=start + 240_000, plan=())
+        truth = asyncio.run(produce(later, s, batch=20))
+        valid = sum(truth["produced_valid"].values())
+        second.wait_for(lambda: _settled(second, valid), timeout=180, what="the later traffic read and flushed")
+        assert _sum(second, "soundcheck_alerts_total") == 0  # no paging on the restarted worker's cold start
+    finally:
+        second.stop()
+
