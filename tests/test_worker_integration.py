@@ -133,3 +133,16 @@ def test_two_workers_share_the_partitions_of_one_consumer_group(kafka_bootstrap,
     finally:
         a.stop()
         b.stop()
+
+
+def test_the_detection_goals_hold_through_the_real_broker(scenario_run):
+    """`soundcheck eval scenarios` measures these offline; the same check on one scenario run through Kafka."""
+    from soundcheck.scenario_eval import GOALS, score_run
+
+    s, sim, truth, alerts, dead, metrics = scenario_run
+    r = score_run([orjson.loads(a.value) for a in alerts], truth, s)
+    assert r["recall"] >= GOALS["recall"], r["scenarios"]
+    assert r["precision"] >= GOALS["precision"], r["unmatched"]
+    assert r["median_delay_s"] < GOALS["median_delay_s"]
+    assert r["benign_pages"] == 0
+    assert r["flapping_notifications"] <= GOALS["flapping_notifications"]

@@ -28,7 +28,7 @@ FEATURES = (
 STALL_BUFFERING = 0.05  # a sample stalled more than this share of the time counts as a stall
 
 # which dependency-map node an entity dimension points at
-NODES = {"region": "audio_streaming", "cdn_pop": "cdn", "device": "audio_streaming"}
+NODES = {"region": "audio_streaming", "cdn_pop": "cdn", "device": "audio_streaming", "user_segment": "audio_streaming"}
 
 
 class AudioQualityDetector(WindowedDetector):

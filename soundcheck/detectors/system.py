@@ -3,13 +3,16 @@
 Instance samples are averaged per event-time window; each metric of a (service, region) is a
 feature of that entity's :class:`RobustBaseline`, with the service's SLO (from the dependency
 map) or the generic ceilings as absolute limits. Unknown metric names are tracked too (up to
-``MAX_METRICS`` names per worker), with a two-sided baseline. Every metric with an upper limit is
+``MAX_METRICS`` names per worker), with a two-sided baseline. Each metric series also has its
+own :class:`~soundcheck.detectors.series.SeriesDetector` (the detector ``soundcheck eval nab``
+measures), which adds daily seasonality and novelty to the baseline's view. Every metric with an upper limit is
 also followed by a :class:`~soundcheck.detectors.forecast.SloForecaster`, which warns
 (``slo_forecast``) when its trend will cross the limit within the horizon, with the lead time.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -20,6 +23,7 @@ from ..settings import Settings
 from .base import Finding, WindowedDetector, make_baseline
 from .baseline import RobustBaseline, Signal
 from .forecast import SloForecaster
+from .series import SeriesDetector
 from .windows import WindowAggregate
 
 MAX_METRICS = 64
@@ -45,6 +49,9 @@ class SystemMetricsDetector(WindowedDetector):
     def __init__(self, settings: Settings, source_topic: str = "system_performance_metrics") -> None:
         self.ceilings = dict(settings.detection["system"]["ceilings"])
         self.forecast_cfg = dict(settings.detection["system"]["forecast"])
+        self.series_threshold = float(settings.detection["system"]["series_threshold"])
+        self.warmup = int(settings.detection["warmup_windows"])
+        self.min_relative_change = float(settings.detection["min_relative_change"])
         self.columns: dict[str, int] = {}
         self.untracked_metrics = 0
         super().__init__(settings, source_topic)
@@ -83,12 +90,44 @@ class SystemMetricsDetector(WindowedDetector):
         by_kind: dict[str, list[Signal]] = {}
         for s in baseline.update_one(x, agg.end):
             by_kind.setdefault(kind_of(s.metric), []).append(s)
+        for s in self._series(state, x, agg, {s.metric for sigs in by_kind.values() for s in sigs}):
+            by_kind.setdefault(kind_of(s.metric), []).append(s)
         entity = {"service": service, "region": region}
         details = {"metrics": {k: round(v, 4) for k, v in x.items()}}
         out = [Finding(kind, entity, region, service, sigs, 0, details) for kind, sigs in by_kind.items()]
         foreseen = self._forecast(state, x, agg, {s.metric for sigs in by_kind.values() for s in sigs})
         if foreseen:
             out.append(foreseen)
+        return out
+
+    def _series(self, state: "_ServiceState", x: dict[str, float], agg: WindowAggregate, open_metrics: set[str]) -> list[Signal]:
+        """Each metric's own :class:`SeriesDetector` (daily seasonality, spikes, level shifts,
+        drifts to new levels): a signal when it scores past ``series_threshold`` in the metric's
+        bad direction by a change that matters, and the baseline has not already said so."""
+        out: list[Signal] = []
+        t = agg.end / 1000.0
+        for name, value in x.items():
+            det = state.series.get(name)
+            if det is None:
+                det = state.series[name] = SeriesDetector()
+            score = det.update(value, t)
+            state.seen[name] = state.seen.get(name, 0) + 1
+            if score < self.series_threshold or name in open_metrics or state.seen[name] <= self.warmup:
+                continue
+            expected = getattr(det, "expected", math.nan)
+            if not math.isfinite(expected):  # no prediction yet: judge against the baseline's mean
+                expected = state.baseline.expected(name)
+            if expected is None or not math.isfinite(expected):
+                continue
+            spec = self.settings.metric_spec(name)
+            delta = value - expected
+            if spec.get("direction") == "down":
+                delta = -delta
+            elif spec.get("direction") != "up":
+                delta = abs(delta)
+            effect = max(float(spec.get("min_change", 0.0)), self.min_relative_change * abs(expected))
+            if delta >= effect:
+                out.append(Signal(name, value, expected, round(score * 10, 2), None, agg.end))
         return out
 
     def _forecast(self, state: "_ServiceState", x: dict[str, float], agg: WindowAggregate, open_metrics: set[str]) -> Finding | None:
@@ -125,6 +164,8 @@ class SystemMetricsDetector(WindowedDetector):
 class _ServiceState:
     baseline: RobustBaseline
     forecasters: dict[str, SloForecaster] = field(default_factory=dict)
+    series: dict[str, SeriesDetector] = field(default_factory=dict)
+    seen: dict[str, int] = field(default_factory=dict)
 
 
 class _Directions(dict):
