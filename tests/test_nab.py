@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 import pickle
 import shutil
 from argparse import Namespace
@@ -119,6 +120,30 @@ def test_detector_timestamps_and_bad_values() -> None:
         det.update(10.0 + (i % 3), 10.0 * i)  # numeric seconds, 10 s windows
     assert det.dt == 10.0
     assert det.update(10.0, 1000.0) < 0.5 < det.update(1000.0, 1010.0)
+
+
+def test_detector_expected_value() -> None:
+    det = SeriesDetector()
+    det.update(10.0, 0.0)
+    assert math.isnan(det.expected)  # nothing to judge against yet
+    for i in range(1, 200):
+        det.update(10.0 + (i % 2) * 0.1, 300.0 * i)
+    score = det.update(50.0, 300.0 * 200)
+    assert score > 0.5 and 9.5 < det.expected < 10.5  # observed 50, expected about 10
+    det.update(float("nan"), 300.0 * 201)
+    assert math.isnan(det.expected)
+
+
+def test_detector_weekly_profile_is_online_and_picklable(shared: Path) -> None:
+    ts, values = _series(shared, "realKnownCause/nyc_taxi.csv")
+    ts, values = ts[:2000], values[:2000]  # 30-minute samples: six weeks
+    det = SeriesDetector(weekly=True)
+    first = [det.update(v, t) for t, v in zip(ts[:1500], values[:1500])]
+    assert det.wprofile is not None and "week" in {m for m, k in det.seen.items() if k > 0}
+    clone = pickle.loads(pickle.dumps(det))
+    a = [det.update(v, t) for t, v in zip(ts[1500:], values[1500:])]
+    b = [clone.update(v, t) for t, v in zip(ts[1500:], values[1500:])]
+    assert a == b and all(0.0 <= s <= 1.0 for s in first + a)
 
 
 def _copy_small(shared: Path, tmp_path: Path) -> Path:

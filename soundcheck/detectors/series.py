@@ -14,7 +14,9 @@ How a value is scored:
   residual (its scale). The residual z of the row is the smallest ``|x - pred| / scale`` among the
   predictors whose scale is within ``eligible`` times the best one: a value is surprising only
   if no predictor that fits the series well explains it (a daily step is no anomaly when the
-  profile foresaw it; a spike, a level shift or a broken daily pattern is).
+  profile foresaw it; a spike, a level shift or a broken daily pattern is). The prediction that
+  gave that smallest z is kept as ``expected`` ("observed x, expected y"). With ``weekly`` a
+  time-of-week profile is a fourth predictor.
 * **Novelty.** How far the value lies outside the central ``1 - 2 range_q`` of the last
   ``range_window`` values, in units of that range: catches slow drifts to levels not seen before,
   which a predictor following the drift would not notice.
@@ -27,7 +29,9 @@ How a value is scored:
   shrunk to z = ``clip`` (a Huber-style update): spikes barely move the predictors, a lasting
   level shift is learned within a few dozen rows.
 * **Refractory period.** For ``refractory`` rows after a score, a score that is not higher than
-  every score since is damped (times ``damp``): one alarm when an anomaly starts, not one per row.
+  every score since is damped (times ``damp``), and within ``short`` rows a higher one is damped
+  too unless its calibrated statistic is ``margin`` times the recent peak: one alarm when an
+  anomaly starts, not one per row of a slowly growing run.
 
 Non-finite values are neither scored (score 0.0) nor learned. Timestamps may be ``datetime``,
 ISO-8601 text, or numbers (seconds since the epoch); without timestamps the daily profile is off.
@@ -39,6 +43,8 @@ ISO-8601 text, or numbers (seconds since the epoch); without timestamps the dail
 >>> max(scores[-48:]) < 0.5
 True
 >>> det.update(40.0, 3600.0 * 240) > 0.8
+True
+>>> abs(det.expected - day[0]) < 1.0  # observed 40, expected about 10
 True
 >>> det2 = SeriesDetector()
 >>> [det2.update(v, 3600.0 * i) for i, v in enumerate(day * 10)] == scores  # deterministic
@@ -54,7 +60,8 @@ from datetime import datetime, timezone
 from typing import Any, Optional
 
 DAY = 86400.0
-_MODELS = ("last", "fast", "season")
+WEEK = 7 * DAY
+_MODELS = ("last", "fast", "season", "week")
 
 
 def to_seconds(ts: Any) -> Optional[float]:
@@ -86,6 +93,9 @@ class SeriesDetector:
     range_window, range_q, novelty_gain: the novelty statistic (see the module doc).
     q, z_min: calibration of each statistic against its own history (see the module doc).
     refractory, damp: rows after a score in which lower scores are damped, and by how much.
+    margin, short: within ``short`` rows of a score, a higher one is damped too unless its
+        calibrated statistic is ``margin`` times as large (a slowly rising run alarms once).
+    weekly: also keep a time-of-week profile (a fourth predictor, once two weeks are seen).
     warmup: rows scored 0.0 at the start (still learned).
     """
 
@@ -104,6 +114,9 @@ class SeriesDetector:
         z_min: float = 3.0,
         refractory: int = 200,
         damp: float = 0.5,
+        margin: float = 1.2,
+        short: int = 50,
+        weekly: bool = False,
         warmup: int = 20,
     ) -> None:
         self.fast = fast
@@ -119,6 +132,9 @@ class SeriesDetector:
         self.z_min = z_min
         self.refractory = refractory
         self.damp = damp
+        self.margin = margin
+        self.short = short
+        self.weekly = weekly
         self.warmup = warmup
 
         self.n = 0  # rows learned
@@ -134,6 +150,10 @@ class SeriesDetector:
         self.dt: Optional[float] = None
         self.profile: Optional[list[Optional[list]]] = None  # per bucket: [mean, days seen, last day]
         self.offset = 0.0
+        self.wprofile: Optional[list[Optional[list]]] = None  # per time-of-week bucket, likewise
+        self.woffset = 0.0
+        #: the prediction the last score was judged against (NaN before there is one)
+        self.expected = math.nan
         # novelty: the last values, in arrival order and sorted
         self.fifo: deque = deque()
         self.sorted_values: list[float] = []
@@ -151,20 +171,23 @@ class SeriesDetector:
         return f"SeriesDetector(n={self.n}, dt={self.dt})"
 
     # ---------------------------------------------------------------------------- time of day
-    def _bucket(self, t: Optional[float]) -> Optional[int]:
+    def _bucket(self, t: Optional[float]) -> tuple[Optional[int], Optional[int]]:
         if t is None:
-            return None
+            return None, None
         if self.t_prev is not None and t > self.t_prev and len(self.diffs) < 64:
             self.diffs.append(t - self.t_prev)
             self.dt = sorted(self.diffs)[len(self.diffs) // 2]
         self.t_prev = t if self.t_prev is None else max(t, self.t_prev)
         if self.dt is None or self.dt > DAY / 4:
-            return None
+            return None, None
         nb = max(1, int(round(DAY / max(self.dt, DAY / self.buckets))))
         if self.profile is None or len(self.profile) != nb:
             self.profile = [None] * nb
+            self.wprofile = [None] * (7 * nb) if self.weekly else None
         width = DAY / nb
-        return int(((t % DAY) + 1e-3) // width) % nb
+        b = int(((t % DAY) + 1e-3) // width) % nb
+        wb = int(((t % WEEK) + 1e-3) // width) % (7 * nb) if self.weekly else None
+        return b, wb
 
     # ------------------------------------------------------------------------------ calibration
     def _bin(self, z: float) -> int:
@@ -185,11 +208,13 @@ class SeriesDetector:
     def update(self, x: float, ts: Any = None) -> float:
         """Score ``x`` (observed at ``ts``) against the past, then learn it; return the score."""
         x = float(x)
+        self.expected = math.nan
         if not math.isfinite(x):
             return 0.0
         t = to_seconds(ts)
-        b = self._bucket(t)
+        b, wb = self._bucket(t)
         day = None if t is None else int(t // DAY)
+        week = None if t is None else int(t // WEEK)
 
         preds: dict[str, float] = {}
         if self.last is not None:
@@ -198,6 +223,9 @@ class SeriesDetector:
         slot = self.profile[b] if (b is not None and self.profile is not None) else None
         if slot is not None and slot[1] >= 2:
             preds["season"] = slot[0] + self.offset
+        wslot = self.wprofile[wb] if (wb is not None and self.wprofile is not None) else None
+        if wslot is not None and wslot[1] >= 2:
+            preds["week"] = wslot[0] + self.woffset
 
         # residual z: the best-fitting predictors must all be surprised
         floor = max(0.02 * self.dev_slow, 1e-9 * abs(self.mean_slow), 1e-12)
@@ -205,7 +233,8 @@ class SeriesDetector:
         z = 0.0
         if zs:
             best = min(self.scale[m] for m in zs)
-            z = min(zs[m] for m in zs if self.scale[m] <= self.eligible * best + floor)
+            z, used = min((zs[m], m) for m in zs if self.scale[m] <= self.eligible * best + floor)
+            self.expected = preds[used]
 
         # novelty: outside the central range of the recent values
         zn = 0.0
@@ -222,22 +251,29 @@ class SeriesDetector:
         e = max(e_pred, e_novel)
         raw = e / (e + 1.0)
 
-        self._learn(x, preds, z, zn, slot, b, day)
+        self._learn(x, preds, z, zn, slot, b, day, wslot, wb, week)
 
         if self.n <= self.warmup:
             return 0.0
-        # refractory: within `refractory` rows of a score, only a higher one comes through
+        # refractory: within `refractory` rows of a score only a higher one comes through, and
+        # within `short` rows only one higher by the factor `margin` (a rising run alarms once)
         dq = self.recent
         while dq and dq[0][0] <= self.n - self.refractory:
             dq.popleft()
         peak = dq[0][1] if dq else 0.0
-        out = raw if raw > peak else raw * self.damp
-        while dq and dq[-1][1] <= raw:
+        near = 0.0
+        for row, val in dq:  # decreasing values: the first recent enough is the recent max
+            if row > self.n - self.short:
+                near = val
+                break
+        out = raw if (e > peak and e > self.margin * near) else raw * self.damp
+        while dq and dq[-1][1] <= e:
             dq.pop()
-        dq.append((self.n, raw))
+        dq.append((self.n, e))
         return min(max(out, 0.0), 1.0)
 
-    def _learn(self, x: float, preds: dict, z: float, zn: float, slot: Optional[list], b: Optional[int], day: Optional[int]) -> None:
+    def _learn(self, x: float, preds: dict, z: float, zn: float, slot: Optional[list], b: Optional[int], day: Optional[int],
+               wslot: Optional[list], wb: Optional[int], week: Optional[int]) -> None:
         self.n += 1
         self.hist_pred[self._bin(z)] += 1.0
         self.hist_novel[self._bin(zn)] += 1.0
@@ -265,6 +301,16 @@ class SeriesDetector:
                 if day != slot[2]:
                     slot[1] += 1
                     slot[2] = day
+        if wb is not None and self.wprofile is not None:
+            if wslot is None:
+                self.wprofile[wb] = [x, 1, week]
+            else:
+                self.woffset += self.fast * ((x - wslot[0]) * shrink - self.woffset)
+                per_week = max(1.0, WEEK / len(self.wprofile) / self.dt)
+                wslot[0] += (self.season_days / per_week) * (x - wslot[0]) * shrink
+                if week != wslot[2]:
+                    wslot[1] += 1
+                    wslot[2] = week
         bisect.insort(self.sorted_values, x)
         self.fifo.append(x)
         if len(self.fifo) > self.range_window:
