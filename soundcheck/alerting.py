@@ -57,7 +57,8 @@ def dedup_step(
 ) -> tuple[dict[str, Any], Optional[str]]:
     """Count one more occurrence of a fingerprint and decide whether to notify.
 
-    Returns the new state and ``"new"``, ``"repeat"`` (the repeat interval passed),
+    A fingerprint whose last episode resolved starts a new one. Returns the new state and
+    ``"new"``, ``"repeat"`` (the repeat interval passed),
     ``"escalated"`` (severity rose) or ``None`` (suppressed).
 
     >>> s, d = dedup_step(None, 0, "high", 600_000); d
@@ -69,7 +70,7 @@ def dedup_step(
     >>> dedup_step(s, 700_000, "high", 600_000)[1]
     'repeat'
     """
-    if state is None:
+    if state is None or state.get("status") == "resolved":  # a new episode
         return {
             "first_seen": event_time,
             "last_seen": event_time,
@@ -77,7 +78,7 @@ def dedup_step(
             "severity": severity,
             "occurrences": 1,
             "notifications": 1,
-            "alert_seq": 1,
+            "status": "firing",
         }, "new"
     state = dict(state)
     state["occurrences"] += 1
@@ -152,8 +153,10 @@ def _root_cause(members: Mapping[str, Mapping[str, Any]], graph: ServiceGraph) -
     if len(members) == 1:
         confidence = min(confidence, 0.5)  # a lone anomaly is its own best guess, no more
     evidence = sorted(members.items(), key=lambda kv: kv[1]["first_seen"])
+    root_fp = next(fp for fp, m in members.items() if m is at_root[0])
     return {
         "node": root,
+        "fingerprint": root_fp,
         "entity": at_root[0]["entity"],
         "confidence": round(confidence, 2),
         "evidence": [
@@ -180,8 +183,9 @@ def correlate_step(
             break
     if target is None:
         target = {
-            "incident_id": "inc-" + fingerprint("incident", anomaly.region, {"fp": fp, "t": str(now)})[:16],
+            "incident_id": "inc-" + fingerprint("incident", anomaly.scope or anomaly.region, {"fp": fp, "t": str(now)})[:16],
             "region": anomaly.region,
+            "scope": anomaly.scope or anomaly.region,
             "started_at": now,
             "last_seen": now,
             "members": {},
@@ -202,7 +206,7 @@ def correlate_step(
         else:
             target["dropped_members"] += 1
     target["root_cause"] = _root_cause(target["members"], graph)
-    return {"incidents": incidents}, target
+    return {**(state or {}), "incidents": incidents}, target
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,7 +298,7 @@ def alert_step(
     c = classify(anomaly, settings)
     region_state, incident = correlate_step(region_state, fp, anomaly, entity, graph, settings.windows.correlation_s * 1000)
     dedup_state, decision = dedup_step(dedup_lookup(fp), anomaly.event_time, c.severity, settings.windows.dedup_repeat_s * 1000)
-    dedup_state["region"] = anomaly.region
+    dedup_state["region"] = anomaly.scope or anomaly.region
     if decision is None:
         return AlertStep(fp, dedup_state, region_state, None, c.severity)
     alert = build_alert(

@@ -81,6 +81,9 @@ class WindowSettings:
     dedup_repeat_s: int
     correlation_s: int
     entity_idle_s: int
+    resolve_after_s: int
+    group_wait_s: int
+    group_interval_s: int
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,7 @@ class Settings:
     services: Mapping[str, Any]
     runbooks: Mapping[str, Any]
     privacy: Mapping[str, Any]
+    alerting: Mapping[str, Any]
     pseudonym_key: bytes = field(default=b"", repr=False)
 
     def __repr__(self) -> str:  # the key never shows, whatever prints the settings
@@ -205,7 +209,7 @@ def _check_acyclic(deps: Mapping[str, list[str]]) -> None:
 
 
 def _build(raw: dict[str, Any], env: str, key: bytes) -> Settings:
-    for name in ("detection", "metrics", "classification", "services", "runbooks", "privacy"):
+    for name in ("detection", "metrics", "classification", "services", "runbooks", "privacy", "alerting"):
         if not isinstance(raw.get(name), Mapping):
             raise SettingsError(f"config: section {name!r} is missing")
     if "default" not in raw["metrics"]:
@@ -230,6 +234,7 @@ def _build(raw: dict[str, Any], env: str, key: bytes) -> Settings:
         services=raw["services"],
         runbooks=raw["runbooks"],
         privacy=raw["privacy"],
+        alerting=raw["alerting"],
         pseudonym_key=key,
     )
     if settings.windows.aggregate_s <= 0:

@@ -35,6 +35,7 @@ class Anomaly:
     sampled_users: int = 0
     samples: int = 0
     details: dict[str, Any] = field(default_factory=dict)
+    scope: str = ""  # correlation scope (the internal topic's key); empty means the region
 
     def to_json(self) -> bytes:
         d = {k: getattr(self, k) for k in self.__slots__ if k != "signals"}

@@ -255,6 +255,7 @@ class FraudDetector:
         for s in signals:
             s.since = since
         country = next(iter(u.countries), "unknown")  # the first country seen: a stable home
+        top = max(u.artists, key=lambda a: u.artists[a][0]) if u.artists else None
         return Anomaly(
             kind="streaming_fraud",
             detector=self.name,
@@ -275,4 +276,6 @@ class FraudDetector:
                 "top_artists": sorted(u.artists, key=lambda a: u.artists[a][0], reverse=True)[:3],
                 "user_segment": u.segment,
             },
+            # accounts pushing the same artist are correlated together, whatever their countries
+            scope=f"fraud:{top}" if top else f"fraud:{country}",
         )

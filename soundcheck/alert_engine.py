@@ -1,0 +1,247 @@
+"""The alert lifecycle, Alertmanager-style, over two key-value stores.
+
+:class:`AlertEngine` turns anomalies and event-time ticks into notifications. It keeps its state
+in two mutable mappings: ``dedup`` (fingerprint -> lifecycle state) and ``scopes`` (correlation
+scope, usually a region -> incidents, firing fingerprints, notification groups, held alerts).
+Offline they are dicts; in the worker they are changelogged Faust tables, so a restarted or
+rebalanced worker neither forgets open alerts nor notifies them again. ``control`` maps silence
+ids to silences (the worker fills it from the ``soundcheck.control`` topic).
+
+What happens to an anomaly:
+
+1. classification, correlation into an incident of its scope, dedup (new / repeat after the
+   repeat interval / escalated on a severity rise) -- :func:`soundcheck.alerting.alert_step`;
+2. a notification joins its incident's group: the first notification of a group waits
+   ``group_wait_s`` of event time for its siblings, later ones go out at most every
+   ``group_interval_s``;
+3. at send time, an alert matched by an active silence, or explained by its incident's root
+   cause (inhibition: the incident's root alert speaks for the children it explains), is held
+   back and counted; when the silence ends or the root resolves while it still fires, it is sent
+   with ``released_from`` saying what held it;
+4. a fingerprint with no anomaly for ``resolve_after_s`` (keep-firing-for: a flapping signal
+   stays one firing alert) is resolved: a ``status: resolved`` notification with ``ends_at``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import Counter
+from typing import Any, Mapping, MutableMapping, Optional
+
+from .alerting import ServiceGraph, alert_step, dedup_sweep_due, expired
+from .detectors.base import Anomaly
+from .settings import Settings
+
+MAX_HELD = 200  # held-back fingerprints remembered per scope
+MAX_PENDING = 100  # alerts waiting in one group
+
+
+def silence_matches(silence: Mapping[str, Any], alert: Mapping[str, Any], now: int) -> bool:
+    """Is ``alert`` silenced by ``silence`` at event time ``now``? Matchers are equalities on the
+    alert's entity labels and on ``kind``, ``severity``, ``priority``, ``detector``.
+
+    >>> s = {"id": "maint-1", "matchers": {"region": "BR", "kind": "service_degradation"}, "starts_at": 0, "ends_at": 100}
+    >>> silence_matches(s, {"entity": {"region": "BR", "service": "cdn"}, "kind": "service_degradation"}, 50)
+    True
+    >>> silence_matches(s, {"entity": {"region": "BR"}, "kind": "service_degradation"}, 150)
+    False
+    """
+    if not (silence.get("starts_at", 0) <= now < silence.get("ends_at", 2**62)):
+        return False
+    for key, want in silence.get("matchers", {}).items():
+        have = alert.get(key) if key in ("kind", "severity", "priority", "detector") else alert.get("entity", {}).get(key)
+        if have != want:
+            return False
+    return True
+
+
+class AlertEngine:
+    """See the module doc. ``emitted_at`` arguments are the wall clock (epoch ms) of the caller."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        graph: ServiceGraph,
+        dedup: MutableMapping[str, Any],
+        scopes: MutableMapping[str, Any],
+        control: Optional[Mapping[str, Any]] = None,
+    ) -> None:
+        w, cfg = settings.windows, settings.alerting
+        self.settings = settings
+        self.graph = graph
+        self.dedup = dedup
+        self.scopes = scopes
+        self.control = control if control is not None else {}
+        self.resolve_after = w.resolve_after_s * 1000
+        self.group_wait = w.group_wait_s * 1000
+        self.group_interval = w.group_interval_s * 1000
+        self.repeat = w.dedup_repeat_s * 1000
+        self.inhibit = bool(cfg["inhibit"]["enabled"])
+        self.inhibit_confidence = float(cfg["inhibit"]["min_confidence"])
+        self.static_silences = list(cfg.get("silences", []))
+        self.stats: Counter[str] = Counter()  # bounded keys: suppressed, silenced, inhibited, released, resolved
+
+    # -- inputs --------------------------------------------------------------------------------
+
+    def on_anomaly(self, anomaly: Anomaly, emitted_at: int) -> list[dict[str, Any]]:
+        scope = anomaly.scope or anomaly.region
+        st = self._scope(scope)
+        step = alert_step(anomaly, self._get_dedup, st, self.settings, self.graph, emitted_at)
+        st = step.region_state
+        state = step.dedup_state
+        state["scope"] = scope
+        st.setdefault("open", {})[step.fingerprint] = anomaly.event_time
+        if step.alert is not None:
+            state["last_alert"] = step.alert
+            inc = step.alert.get("incident_id") or step.fingerprint
+            group = st.setdefault("pending", {}).setdefault(inc, {"first": anomaly.event_time, "flushed_at": None, "alerts": {}})
+            if len(group["alerts"]) < MAX_PENDING or step.fingerprint in group["alerts"]:
+                group["alerts"][step.fingerprint] = step.alert
+            if group["flushed_at"] is None and not group["alerts"]:
+                group["first"] = anomaly.event_time
+        else:
+            self.stats["suppressed"] += 1
+            if state.get("last_alert"):  # keep the record current for a later release or resolve
+                state["last_alert"] = {**state["last_alert"], "last_seen": state["last_seen"], "occurrences": state["occurrences"]}
+        self.dedup[step.fingerprint] = state
+        st["now"] = max(st.get("now", 0), anomaly.event_time)
+        out = self._advance(scope, st, emitted_at)
+        self.scopes[scope] = st
+        return out
+
+    def on_tick(self, scope: str, event_time: int, emitted_at: int) -> list[dict[str, Any]]:
+        """Event time has reached ``event_time`` for ``scope``: resolve, flush, release what is due."""
+        st = self.scopes.get(scope)
+        if not st:
+            return []
+        st = copy.deepcopy(dict(st))
+        if event_time <= st.get("now", 0):
+            return []
+        st["now"] = event_time
+        out = self._advance(scope, st, emitted_at)
+        self.scopes[scope] = st
+        return out
+
+    # -- internals ------------------------------------------------------------------------------
+
+    def _get_dedup(self, fp: str) -> Optional[dict[str, Any]]:
+        state = self.dedup.get(fp)
+        return dict(state) if state else None
+
+    def _scope(self, scope: str) -> dict[str, Any]:
+        st = self.scopes.get(scope)
+        return copy.deepcopy(dict(st)) if st else {}
+
+    def _silences(self) -> list[Mapping[str, Any]]:
+        return self.static_silences + [s for s in self.control.values() if s]
+
+    def _advance(self, scope: str, st: dict[str, Any], emitted_at: int) -> list[dict[str, Any]]:
+        now = st["now"]
+        out: list[dict[str, Any]] = []
+        # resolve what has been quiet for resolve_after (keep-firing-for)
+        for fp, last in list(st.get("open", {}).items()):
+            if now - last < self.resolve_after:
+                continue
+            del st["open"][fp]
+            state = self._get_dedup(fp)
+            if not state or state.get("status") == "resolved":
+                continue
+            state["status"] = "resolved"
+            state["ends_at"] = last
+            self.dedup[fp] = state
+            for group in st.get("pending", {}).values():
+                group["alerts"].pop(fp, None)
+            held = st.get("held", {}).pop(fp, None)
+            if state.get("last_alert") and not held:  # a held alert was never seen: no resolve for it
+                out.append(self._resolved(state, last, emitted_at))
+                self.stats["resolved"] += 1
+        # send the groups that are due
+        for inc, group in list(st.get("pending", {}).items()):
+            if not group["alerts"]:
+                if group["flushed_at"] is not None and now - group["flushed_at"] > self.repeat * 3:
+                    del st["pending"][inc]
+                continue
+            due = (now - group["first"] >= self.group_wait) if group["flushed_at"] is None else (now - group["flushed_at"] >= self.group_interval)
+            if not due:
+                continue
+            batch = list(group["alerts"].items())
+            group["alerts"] = {}
+            group["flushed_at"] = now
+            out.extend(self._send(st, inc, batch, now, emitted_at))
+        # release held alerts whose silence ended or whose inhibiting root resolved
+        for fp, hold in list(st.get("held", {}).items()):
+            state = self._get_dedup(fp)
+            if not state or state.get("status") == "resolved" or fp not in st.get("open", {}):
+                del st["held"][fp]
+                continue
+            if self._still_held(hold, state.get("last_alert") or {}, now):
+                continue
+            del st["held"][fp]
+            alert = {**state["last_alert"], "notification": "released", "emitted_at": emitted_at,
+                     "released_from": {**hold, "released_at": now}}
+            out.append(alert)
+            self.stats["released"] += 1
+        # forget dedup states of this scope not seen for a long time (event time)
+        if dedup_sweep_due(st, now, self.repeat):
+            for fp in expired(list(self.dedup.items()), scope, now, 3 * self.repeat):
+                if fp not in st.get("open", {}):
+                    del self.dedup[fp]
+        return out
+
+    def _still_held(self, hold: Mapping[str, Any], alert: Mapping[str, Any], now: int) -> bool:
+        by = hold["by"]
+        if by.startswith("silence:"):
+            sid = by.split(":", 1)[1]
+            return any(s.get("id") == sid and silence_matches(s, alert, now) for s in self._silences())
+        root = self._get_dedup(by.split(":", 1)[1])
+        return bool(root) and root.get("status") != "resolved"
+
+    def _send(self, st: dict[str, Any], inc: str, batch: list[tuple[str, dict[str, Any]]], now: int, emitted_at: int) -> list[dict[str, Any]]:
+        incident = next((i for i in st.get("incidents", []) if i["incident_id"] == inc), None)
+        root_fp = None
+        if self.inhibit and incident and len(incident["members"]) > 1:
+            rc = incident.get("root_cause") or {}
+            if rc.get("confidence", 0) >= self.inhibit_confidence:
+                root_fp = rc.get("fingerprint")
+        out = []
+        silences = self._silences()
+        for fp, alert in batch:
+            silence = next((s for s in silences if silence_matches(s, alert, now)), None)
+            if silence is not None:
+                self._hold(st, fp, f"silence:{silence.get('id', '?')}", now)
+                self.stats["silenced"] += 1
+                continue
+            member = (incident or {}).get("members", {}).get(fp)
+            root_member = (incident or {}).get("members", {}).get(root_fp or "")
+            if root_fp and fp != root_fp and member and root_member and member["node"] != root_member["node"] and fp in st.get("open", {}) \
+                    and root_fp in st.get("open", {}):
+                self._hold(st, fp, f"inhibited_by:{root_fp}", now)
+                self.stats["inhibited"] += 1
+                continue
+            alert = dict(alert)
+            if incident:  # the latest view of the incident, as of sending
+                alert["related"] = sorted(f for f in incident["members"] if f != fp)
+                alert["root_cause"] = incident.get("root_cause")
+            alert["group"] = {"incident_id": inc, "size": len(batch)}
+            alert["emitted_at"] = emitted_at
+            out.append(alert)
+        return out
+
+    def _hold(self, st: dict[str, Any], fp: str, by: str, now: int) -> None:
+        held = st.setdefault("held", {})
+        if fp in held or len(held) < MAX_HELD:
+            held.setdefault(fp, {"by": by, "since": now})
+
+    def _resolved(self, state: Mapping[str, Any], ends_at: int, emitted_at: int) -> dict[str, Any]:
+        alert = dict(state["last_alert"])
+        alert.update({
+            "status": "resolved",
+            "notification": "resolved",
+            "ends_at": ends_at,
+            "last_seen": state["last_seen"],
+            "occurrences": state["occurrences"],
+            "emitted_at": emitted_at,
+            "title": alert["title"].replace("] ", "] resolved: ", 1),
+        })
+        alert.pop("group", None)
+        return alert

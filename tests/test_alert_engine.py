@@ -1,0 +1,105 @@
+"""The alert lifecycle (soundcheck.alert_engine) on hand-made anomalies, with dicts for the tables."""
+
+import pytest
+
+from soundcheck.alert_engine import AlertEngine
+from soundcheck.alerting import ServiceGraph
+from soundcheck.detectors.base import Anomaly
+from soundcheck.detectors.baseline import Signal
+
+S = 1000
+
+
+def anomaly(t, node="cdn", entity=None, kind="service_degradation", value=0.08, region="BR", detector="system.baseline"):
+    entity = entity or {"service": node, "region": region}
+    return Anomaly(kind, detector, entity, region, node, [Signal("error_rate", value, 0.001, 40.0, 0.01, t)], 0.9, t, t - 10 * S,
+                   "system_performance_metrics")
+
+
+@pytest.fixture
+def engine(settings):
+    return AlertEngine(settings, ServiceGraph(settings.services), {}, {}, {})
+
+
+def run(engine, events):
+    """events: (t, anomaly or None for a tick) -> notifications in order."""
+    out = []
+    for t, a in events:
+        out += engine.on_anomaly(a, t) if a is not None else engine.on_tick("BR", t, t)
+    return out
+
+
+def test_first_notification_waits_for_the_group_then_fires_once_and_resolves(engine, settings):
+    w = settings.windows
+    events = [(t * S, anomaly(t * S)) for t in range(0, 200, 10)]  # 200 s of anomalies
+    events += [(t * S, None) for t in range(200, 200 + w.resolve_after_s + 20, 10)]  # then quiet
+    out = run(engine, events)
+    assert [n["notification"] for n in out] == ["new", "resolved"]
+    assert out[0]["emitted_at"] >= w.group_wait_s * S  # held for the group wait (event time)
+    assert out[1]["status"] == "resolved" and out[1]["ends_at"] == 190 * S and out[1]["fingerprint"] == out[0]["fingerprint"]
+
+
+def test_escalation_goes_out_at_the_group_interval_and_a_new_episode_after_resolve(engine, settings):
+    w = settings.windows
+    out = run(engine, [(0, anomaly(0, value=0.02))] + [(t * S, None) for t in range(10, 40, 10)])
+    assert [n["notification"] for n in out] == ["new"]
+    sev0 = out[0]["severity"]
+    later = run(engine, [(40 * S, anomaly(40 * S, value=0.9))] + [(t * S, None) for t in range(50, 130, 10)])
+    assert [n["notification"] for n in later] == ["escalated"] and later[0]["severity"] != sev0
+    quiet = run(engine, [(t * S, None) for t in range(130, 40 + w.resolve_after_s + 30, 10)])
+    assert [n["notification"] for n in quiet] == ["resolved"]
+    again = run(engine, [(400 * S, anomaly(400 * S))] + [(t * S, None) for t in range(410, 450, 10)])
+    assert [n["notification"] for n in again] == ["new"] and again[0]["starts_at"] == 400 * S
+
+
+def test_a_flapping_signal_stays_one_alert(engine):
+    events = []
+    for t in range(0, 600, 10):
+        events.append((t * S, anomaly(t * S) if (t // 30) % 2 == 0 else None))
+    out = run(engine, events)
+    assert [n["notification"] for n in out] == ["new"]
+
+
+def test_the_root_alert_inhibits_the_children_it_explains_until_it_resolves(engine, settings):
+    pop = {"region": "BR", "cdn_pop": "gru1"}
+    region = {"region": "BR"}
+    events = []
+    for t in range(0, 100, 10):
+        events.append((t * S, anomaly(t * S, node="cdn", entity=pop, kind="audio_quality_degradation", detector="audio.baseline")))
+        events.append((t * S, anomaly(t * S, node="audio_streaming", entity=region, kind="audio_quality_degradation", detector="audio.baseline")))
+    out = run(engine, events)
+    assert [n["entity"] for n in out] == [pop]
+    assert engine.stats["inhibited"] == 1
+    assert out[0]["related"]  # the child is listed under the root
+    # the root recovers, the region keeps degrading: the child is released, saying what held it
+    events = [(t * S, anomaly(t * S, node="audio_streaming", entity=region, kind="audio_quality_degradation", detector="audio.baseline"))
+              for t in range(100, 100 + settings.windows.resolve_after_s + 40, 10)]
+    out = run(engine, events)
+    kinds = [(n["notification"], n["entity"]) for n in out]
+    assert ("resolved", pop) in kinds and ("released", region) in kinds
+    released = next(n for n in out if n["notification"] == "released")
+    assert released["released_from"]["by"].startswith("inhibited_by:")
+
+
+def test_a_silence_holds_matching_alerts_and_releases_them_when_it_ends(settings):
+    control = {"maint": {"id": "maint", "matchers": {"region": "BR", "service": "cdn"}, "starts_at": 0, "ends_at": 120 * S}}
+    engine = AlertEngine(settings, ServiceGraph(settings.services), {}, {}, control)
+    out = run(engine, [(t * S, anomaly(t * S)) for t in range(0, 200, 10)])
+    assert [n["notification"] for n in out] == ["released"]
+    assert out[0]["released_from"]["by"] == "silence:maint" and out[0]["released_from"]["released_at"] >= 120 * S
+    assert engine.stats["silenced"] == 1
+
+
+def test_silences_from_config_apply_too(settings):
+    s = settings.replace(alerting={"silences": [{"id": "cfg", "matchers": {"kind": "service_degradation"}, "starts_at": 0, "ends_at": 10**13}]})
+    engine = AlertEngine(s, ServiceGraph(s.services), {}, {}, {})
+    assert run(engine, [(t * S, anomaly(t * S)) for t in range(0, 100, 10)]) == []
+    assert engine.stats["silenced"] == 1
+
+
+def test_state_survives_a_restart_of_the_engine(engine, settings):
+    """The tables are all the state: a new engine on the same tables neither forgets nor re-fires."""
+    out = run(engine, [(t * S, anomaly(t * S)) for t in range(0, 60, 10)])
+    assert [n["notification"] for n in out] == ["new"]
+    restarted = AlertEngine(settings, ServiceGraph(settings.services), engine.dedup, engine.scopes, {})
+    assert run(restarted, [(t * S, anomaly(t * S)) for t in range(60, 120, 10)]) == []
