@@ -29,13 +29,14 @@ import orjson
 from soundcheck import snapshots
 from soundcheck.contracts import Rejection
 from soundcheck.kafka_admin import SNAPSHOT_MAX_BYTES, read_latest, snapshot_topic
-from soundcheck.pipeline import PartitionedProcessor, StreamProcessor
+from soundcheck.pipeline import PartitionedProcessor
 
 log = logging.getLogger(__name__)
 IDLE_FLUSH_S = 5.0  # close open windows when a stream has been quiet this long (wall time)
 SNAPSHOT_INTERVAL_S = 30.0  # write the snapshots of changed partitions this often (wall time)
 SNAPSHOT_INTERVAL_ENV = "SOUNDCHECK_SNAPSHOT_INTERVAL_S"  # overrides it (tests)
 RESTORE_TIMEOUT_S = 60.0  # give up reading the snapshot topic after this long (the partitions start fresh)
+SEND_TIMEOUT_S = 30.0  # give up writing one snapshot after this long (it is retried at the next interval)
 TEXT_COPY_LIMIT = 64 * 1024  # the original value is also given as text when it is UTF-8 and this small
 
 
@@ -190,6 +191,7 @@ class SnapshotKeeper:
         self.restoring: dict[tuple[str, int], asyncio.Future] = {}
         self._logged: set[tuple[str, str]] = set()
         self._lock: Optional[asyncio.Lock] = None
+        self._producer: Any = None
 
     @property
     def lock(self) -> asyncio.Lock:
@@ -206,6 +208,25 @@ class SnapshotKeeper:
             await asyncio.shield(fut)
 
     # -- writing --------------------------------------------------------------------------
+
+    async def producer(self) -> Any:
+        """A producer of our own: snapshots (up to 16 MB) never sit in Faust's producer, whose
+        flush every offset commit waits for, and a slow snapshot write cannot hold commits back."""
+        if self._producer is None:
+            from aiokafka import AIOKafkaProducer
+
+            producer = AIOKafkaProducer(
+                bootstrap_servers=self.settings.kafka.bootstrap_servers, client_id=f"{self.settings.kafka.app_id}-snapshots",
+                acks="all", max_request_size=SNAPSHOT_MAX_BYTES + 1024 * 1024, request_timeout_ms=int(SEND_TIMEOUT_S * 1000),
+            )
+            await producer.start()
+            self._producer = producer
+        return self._producer
+
+    async def close(self) -> None:
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            await producer.stop()
 
     def encode(self, stream: str, partition: int) -> Optional[bytes]:
         pp: PartitionedProcessor = self.ctx.processors[stream]
@@ -236,7 +257,9 @@ class SnapshotKeeper:
                             continue
                         if len(blob) > SNAPSHOT_MAX_BYTES:
                             raise ValueError(f"{len(blob)} bytes is over the limit of {SNAPSHOT_MAX_BYTES}")
-                        await self.app.producer.send_and_wait(self.topic, f"{stream}:{part}".encode(), blob, None, None, None)
+                        producer = await self.producer()
+                        await asyncio.wait_for(producer.send_and_wait(self.topic, blob, key=f"{stream}:{part}".encode()),
+                                               SEND_TIMEOUT_S)
                     except Exception as exc:
                         pp.dirty.add(part)
                         self.metrics.snapshot_failures.labels(stream=stream).inc()
@@ -263,7 +286,7 @@ class SnapshotKeeper:
             header, state = snapshots.decode_snapshot(blob, self.settings)
             if header.get("stream") != stream or header.get("partition") != partition:
                 raise snapshots.SnapshotRejected("corrupt", f"key {stream}:{partition} holds {header.get('stream')}:{header.get('partition')}")
-            proc = StreamProcessor.create(self.settings, stream, self.ctx.contracts)
+            proc = pp.new_processor()
             snapshots.restore(proc, state)
         except snapshots.SnapshotRejected as exc:
             self._reject(stream, exc)
@@ -333,6 +356,8 @@ class SnapshotKeeper:
             await self.write(why="shutdown")
         except Exception:  # never block the shutdown
             log.exception("snapshots on shutdown failed")
+        finally:
+            await self.close()
 
 
 def register_snapshots(app: faust.App, ctx: Any) -> SnapshotKeeper:
@@ -347,3 +372,4 @@ def register_snapshots(app: faust.App, ctx: Any) -> SnapshotKeeper:
 
     app.timer(interval=snapshot_interval(), name="soundcheck.snapshots")(snapshot_changed)
     return keeper
+

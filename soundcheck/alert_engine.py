@@ -25,6 +25,7 @@ What happens to an anomaly:
 from __future__ import annotations
 
 import copy
+import uuid
 from collections import Counter
 from typing import Any, Mapping, MutableMapping, Optional
 
@@ -178,7 +179,7 @@ class AlertEngine:
                 continue
             del st["held"][fp]
             alert = {**state["last_alert"], "notification": "released", "emitted_at": emitted_at,
-                     "released_from": {**hold, "released_at": now}}
+                     "released_from": {**hold, "released_at": now}, "alert_id": str(uuid.uuid4())}
             out.append(alert)
             self.stats["released"] += 1
         # forget dedup states of this scope not seen for a long time (event time)
@@ -224,6 +225,7 @@ class AlertEngine:
                 alert["root_cause"] = incident.get("root_cause")
             alert["group"] = {"incident_id": inc, "size": len(batch)}
             alert["emitted_at"] = emitted_at
+            alert["alert_id"] = str(uuid.uuid4())
             out.append(alert)
         return out
 
@@ -241,6 +243,7 @@ class AlertEngine:
             "last_seen": state["last_seen"],
             "occurrences": state["occurrences"],
             "emitted_at": emitted_at,
+            "alert_id": str(uuid.uuid4()),
             "title": alert["title"].replace("] ", "] resolved: ", 1),
         })
         alert.pop("group", None)

@@ -82,3 +82,59 @@ def evaluate(alerts: Iterable[Mapping[str, Any]], truth: Mapping[str, Any], sett
 
 def _sev_rank(s: str) -> int:
     return ("info", "low", "medium", "high", "critical").index(s)
+
+
+def alerting_quality(
+    notifications: list[Mapping[str, Any]], anomalies: int, truth: Mapping[str, Any], settings: Settings, grace_s: int = 120
+) -> dict[str, Any]:
+    """How few, how right the notifications are (the alerting issue's measures).
+
+    * notifications per injected incident (firing notifications on its entities or symptoms);
+    * compression: 1 - notifications (every message on the alerts topic) / raw anomalies;
+    * grouping purity: over firing notifications with an incident id, the share that belongs to
+      the injected incident most of its incident's notifications belong to;
+    * root-cause accuracy: injected incidents with a known root whose incident names that root;
+    * priority match: injected incidents whose highest notified priority is the expected one.
+    """
+    grace = grace_s * 1000
+    firing = [a for a in notifications if a.get("status", "firing") == "firing"]
+    scenarios = [sc for sc in truth["scenarios"] if sc["name"] != "malformed_slice" and not sc.get("must_not_page")]
+
+    def owner(a: Mapping[str, Any]) -> str:
+        for sc in scenarios:
+            expected = [public_entity(e, settings) for e in sc["expect"]]
+            if _matches(a, sc, expected, grace):
+                return sc["name"]
+        for sc in scenarios:
+            if sc["region"] and sc["start_ms"] <= a["event_time"] <= sc["end_ms"] + grace and sc["region"] in (
+                    a["entity"].get("region"), a["entity"].get("country")):
+                return sc["name"]
+        return "noise"
+
+    owners = {a["alert_id"]: owner(a) for a in firing}
+    groups: dict[str, list[str]] = {}
+    for a in firing:
+        if a.get("incident_id"):
+            groups.setdefault(a["incident_id"], []).append(owners[a["alert_id"]])
+    grouped = sum(len(v) for v in groups.values())
+    purity = sum(max(v.count(o) for o in set(v)) for v in groups.values()) / grouped if grouped else 1.0
+    per_incident, rca, prio = {}, [], []
+    for sc in scenarios:
+        mine = [a for a in firing if owners[a["alert_id"]] == sc["name"]]
+        per_incident[sc["name"]] = len(mine)
+        direct = [a for a in mine if _matches(a, sc, [public_entity(e, settings) for e in sc["expect"]], grace)]
+        if sc.get("root_cause") and direct:
+            last = max(direct, key=lambda a: a["emitted_at"])
+            rca.append((last.get("root_cause") or {}).get("node") == sc["root_cause"])
+        if sc.get("expected_priority") and direct:
+            prio.append(min(a["priority"] for a in direct) == sc["expected_priority"])
+    return {
+        "notifications": len(notifications),
+        "anomalies": anomalies,
+        "compression": 1 - len(notifications) / anomalies if anomalies else 0.0,
+        "notifications_per_incident": per_incident,
+        "mean_notifications_per_incident": sum(per_incident.values()) / len(per_incident) if per_incident else 0.0,
+        "grouping_purity": purity,
+        "root_cause_accuracy": sum(rca) / len(rca) if rca else None,
+        "priority_match": sum(prio) / len(prio) if prio else None,
+    }

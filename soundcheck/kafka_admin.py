@@ -74,6 +74,19 @@ def ensure_topics(settings: Settings) -> list[str]:
     )
 
 
+async def topic_partitions(bootstrap: str, topic: str, timeout: float = 30.0) -> list[int]:
+    """The partition numbers of ``topic`` (empty if it does not exist)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout * 1000))
+    await admin.start()
+    try:
+        for t in await admin.describe_topics([topic]):
+            if (t.get("topic") or t.get("name")) == topic and not t.get("error_code"):
+                return sorted(int(p.get("partition", p.get("partition_index", -1))) for p in t.get("partitions", []))
+        return []
+    finally:
+        await admin.close()
+
+
 async def read_latest(
     bootstrap: str, topic: str, keys: Optional[set[bytes]] = None, timeout: float = 60.0, max_bytes: int = SNAPSHOT_MAX_BYTES
 ) -> dict[bytes, bytes]:
@@ -82,6 +95,9 @@ async def read_latest(
     Raises ``TimeoutError`` when the end is not reached within ``timeout`` s."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
+    parts = await topic_partitions(bootstrap, topic, timeout)
+    if not parts:
+        return {}
     fetch = max_bytes + 1024 * 1024
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False, auto_offset_reset="earliest",
@@ -91,10 +107,6 @@ async def read_latest(
     try:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        await consumer.topics()  # metadata
-        parts = consumer.partitions_for_topic(topic)
-        if not parts:
-            return {}
         tps = [TopicPartition(topic, p) for p in sorted(parts)]
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)

@@ -144,10 +144,24 @@ class PartitionedProcessor:
         now_ms = int(time.time() * 1000) if now_ms is None else now_ms
         return self.contract.decode(value, now_ms=now_ms, max_future_ms=int(self.settings.worker.max_future_skew_s * 1000))
 
+    def new_processor(self) -> StreamProcessor:
+        """A fresh processor for one partition. The per-entity bounds of the settings
+        (``max_entities``, ``fraud.max_users``) are per worker: each partition gets its share
+        (entities are spread over the partitions by key), so a worker holding every partition
+        keeps the same bound as before."""
+        proc = StreamProcessor.create(self.settings, self.stream, self.contracts)
+        share = max(1, int(self.settings.kafka.partitions))
+        for det in proc.detectors:
+            for attr in ("entities", "users"):
+                store = getattr(det, attr, None)
+                if store is not None:
+                    store.max_entries = max(1, -(-store.max_entries // share))
+        return proc
+
     def get(self, partition: int) -> StreamProcessor:
         proc = self.partitions.get(partition)
         if proc is None:
-            proc = self.partitions[partition] = StreamProcessor.create(self.settings, self.stream, self.contracts)
+            proc = self.partitions[partition] = self.new_processor()
         return proc
 
     def seen(self, partition: int, offset: int) -> bool:

@@ -16,7 +16,6 @@ from prometheus_client import CollectorRegistry
 
 from soundcheck.alerting import ServiceGraph
 from soundcheck.contracts import Contract, load_contracts
-from soundcheck.kafka_admin import SNAPSHOT_MAX_BYTES
 from soundcheck.metrics import WorkerMetrics
 from soundcheck.settings import Settings
 
@@ -63,8 +62,9 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         web_in_thread=False,
         table_cleanup_interval=30.0,
         producer_linger_ms=5,
-        # a dead letter carries a whole (up to 1 MB) original message; a detector state snapshot up to 16 MB
-        producer_max_request_size=SNAPSHOT_MAX_BYTES + 1024 * 1024,
+        # a dead letter carries a whole (up to 1 MB) original message (detector state snapshots, up to
+        # 16 MB, go through their own producer: agents.ingest.SnapshotKeeper)
+        producer_max_request_size=8 * 1024 * 1024,
         broker_commit_every=10_000,
         broker_commit_interval=1.0,
     )
