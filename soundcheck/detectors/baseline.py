@@ -118,13 +118,14 @@ class RobustBaseline:
     def _min_effect(self, f: _Feature, name: str) -> float:
         return max(self.min_change.get(name, 0.0), self.min_relative_change * abs(f.mean.get()))
 
-    def _breach(self, name: str, value: float) -> Optional[float]:
+    def _breach(self, name: str, value: float, margin: float = 0.0) -> Optional[float]:
+        """The limit ``value`` is past by more than ``margin`` (a measured rate's uncertainty), if any."""
         lim = self.limits.get(name)
         if not lim:
             return None
-        if "max" in lim and value > lim["max"]:
+        if "max" in lim and value > lim["max"] + margin:
             return lim["max"]
-        if "min" in lim and value < lim["min"]:
+        if "min" in lim and value < lim["min"] - margin:
             return lim["min"]
         return None
 
@@ -156,7 +157,8 @@ class RobustBaseline:
         """Score, update the hysteresis, learn what is normal; return the signals now open.
 
         ``spread`` may give a feature's expected spread for this observation (for a rate: its
-        binomial standard error), instead of the learned one.
+        binomial standard error), instead of the learned one; such a feature must also be past
+        its absolute limit by two spreads to count as a breach.
         """
         self.observations += 1
         out: list[Signal] = []
@@ -166,8 +168,10 @@ class RobustBaseline:
             f = self._feature(name)
             f.seen += 1
             warm = f.seen > self.warmup
-            z, delta = self._z(f, name, value, (spread or {}).get(name)) if f.n >= 2 else (0.0, 0.0)
-            limit = self._breach(name, value)
+            given = (spread or {}).get(name)
+            z, delta = self._z(f, name, value, given) if f.n >= 2 else (0.0, 0.0)
+            # a rate judged by its standard error must be past its limit by two of them
+            limit = self._breach(name, value, 2.0 * given if given else 0.0)
             effect = self._min_effect(f, name)
             abnormal = warm and ((z >= self.z_threshold and delta >= effect) or limit is not None)
             still = warm and ((z >= self.z_clear and delta >= effect / 2) or limit is not None)
