@@ -134,6 +134,32 @@ def test_detector_expected_value() -> None:
     assert math.isnan(det.expected)
 
 
+def test_detector_coarse_scales_catch_a_missing_daily_peak() -> None:
+    # a daily square wave with noise (5-minute samples); on day 10 the daytime high never comes:
+    # each row looks like the one before it, only the block means show the missing peak
+    rng = np.random.default_rng(0)
+    tod = np.arange(288 * 12) % 288
+    x = 20 + 60 * ((tod >= 108) & (tod < 216)) + rng.normal(0, 1.5, len(tod))
+    start = 288 * 10 + 108
+    x[start : start + 108] -= 60
+    scores = {}
+    for scales in ((32, 128), ()):
+        det = SeriesDetector(scales=scales)
+        s = np.array([det.update(v, 300.0 * i) for i, v in enumerate(x)])
+        scores[scales] = s
+        assert s[1000:start].max() < 0.5  # the normal days stay quiet
+    assert scores[()][start : start + 108].max() < 0.5  # row level alone misses it
+    hit = start + int(np.argmax(scores[(32, 128)][start : start + 108] >= 0.5))
+    assert scores[(32, 128)][hit] >= 0.5 and hit - start <= 48  # within a few blocks
+    det = SeriesDetector()
+    for i, v in enumerate(x[:3000]):
+        det.update(v, 300.0 * i)
+    clone = pickle.loads(pickle.dumps(det))
+    assert [det.update(v, 300.0 * i) for i, v in enumerate(x[3000:], 3000)] == [
+        clone.update(v, 300.0 * i) for i, v in enumerate(x[3000:], 3000)
+    ]
+
+
 def test_detector_weekly_profile_is_online_and_picklable(shared: Path) -> None:
     ts, values = _series(shared, "realKnownCause/nyc_taxi.csv")
     ts, values = ts[:2000], values[:2000]  # 30-minute samples: six weeks

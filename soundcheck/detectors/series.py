@@ -20,10 +20,16 @@ How a value is scored:
 * **Novelty.** How far the value lies outside the central ``1 - 2 range_q`` of the last
   ``range_window`` values, in units of that range: catches slow drifts to levels not seen before,
   which a predictor following the drift would not notice.
+* **Coarser scales.** The means of blocks of ``scales`` rows (each scale at ``phases`` offsets,
+  so a block ends every ``size / phases`` rows) feed child detectors of the same kind, which
+  predict, measure novelty and calibrate at that scale. A sustained small departure (a missing
+  daily peak, a holiday, a slow drift) that hides in the row-level noise stands out in the block
+  means; the largest calibrated statistic of a child whose block ends at this row joins the two
+  row-level ones (and its prediction becomes ``expected`` when it is the largest).
 * **Calibration.** Each statistic is divided by its own high quantile (``q``) over the series'
   history (a log-spaced histogram), but not by less than ``z_min``: a noisy series with frequent
   large deviations needs larger ones to alarm, a quiet series alarms on smaller ones. The larger
-  of the two calibrated statistics ``e`` gives the score ``e / (e + 1)``: 0.5 is "as unusual as
+  of the calibrated statistics ``e`` gives the score ``e / (e + 1)``: 0.5 is "as unusual as
   the top ``1 - q`` of this series' history, and at least ``z_min`` robust deviations".
 * **Keeping anomalies out of the baseline.** A row whose residual z exceeds ``clip`` is learned
   shrunk to z = ``clip`` (a Huber-style update): spikes barely move the predictors, a lasting
@@ -96,6 +102,8 @@ class SeriesDetector:
     margin, short: within ``short`` rows of a score, a higher one is damped too unless its
         calibrated statistic is ``margin`` times as large (a slowly rising run alarms once).
     weekly: also keep a time-of-week profile (a fourth predictor, once two weeks are seen).
+    scales, phases: block sizes (rows) of the coarser-scale child detectors, and how many
+        offsets of each (see the module doc); ``()`` turns them off.
     warmup: rows scored 0.0 at the start (still learned).
     """
 
@@ -118,6 +126,8 @@ class SeriesDetector:
         short: int = 50,
         weekly: bool = False,
         warmup: int = 20,
+        scales: tuple[int, ...] = (32, 128),
+        phases: int = 4,
     ) -> None:
         self.fast = fast
         self.spread = spread
@@ -136,6 +146,8 @@ class SeriesDetector:
         self.short = short
         self.weekly = weekly
         self.warmup = warmup
+        self.scales = tuple(int(s) for s in scales)
+        self.phases = phases
 
         self.n = 0  # rows learned
         self.last: Optional[float] = None
@@ -165,7 +177,22 @@ class SeriesDetector:
         self.hist_n = 0.0
         # refractory: (row, score) of a monotone deque, for the max of the recent scores
         self.recent: deque = deque()
-        self.parts: tuple[float, float] = (0.0, 0.0)  # the last row's calibrated statistics
+        self.parts: tuple[float, ...] = (0.0, 0.0, 0.0)  # the last row's calibrated statistics
+        # coarser scales: per (size, offset) a child detector of block means, and [size, rows, sum]
+        # of the block being filled (rows start negative to offset the phases)
+        self.children: list[SeriesDetector] = []
+        self.blocks: list[list] = []
+        for size in self.scales:
+            for k in range(max(1, phases)):
+                self.children.append(self._child(size))
+                self.blocks.append([size, -(k * size // max(1, phases)), 0.0])
+
+    def _child(self, size: int) -> "SeriesDetector":
+        return SeriesDetector(
+            fast=self.fast, spread=self.spread, clip=self.clip, season_days=self.season_days, buckets=self.buckets,
+            eligible=self.eligible, range_window=max(50, self.range_window // size), range_q=self.range_q,
+            novelty_gain=self.novelty_gain, q=self.q, z_min=self.z_min, weekly=self.weekly, warmup=0, scales=(),
+        )
 
     def __repr__(self) -> str:
         return f"SeriesDetector(n={self.n}, dt={self.dt})"
@@ -247,8 +274,22 @@ class SeriesDetector:
         # calibrate each statistic against its own history
         e_pred = z / max(self._quantile(self.hist_pred), self.z_min)
         e_novel = zn / max(self._quantile(self.hist_novel), self.z_min)
-        self.parts = (e_pred, e_novel)
-        e = max(e_pred, e_novel)
+        # coarser scales: the children whose block ends at this row
+        e_coarse, expected_coarse = 0.0, math.nan
+        for block, child in zip(self.blocks, self.children):
+            block[1] += 1
+            if block[1] <= 0:
+                continue
+            block[2] += x
+            if block[1] >= block[0]:
+                child.update(block[2] / block[1], t)
+                block[1], block[2] = 0, 0.0
+                if child.n > self.warmup and max(child.parts) > e_coarse:
+                    e_coarse, expected_coarse = max(child.parts), child.expected
+        self.parts = (e_pred, e_novel, e_coarse)
+        e = max(e_pred, e_novel, e_coarse)
+        if e_coarse > max(e_pred, e_novel) and math.isfinite(expected_coarse):
+            self.expected = expected_coarse
         raw = e / (e + 1.0)
 
         self._learn(x, preds, z, zn, slot, b, day, wslot, wb, week)
