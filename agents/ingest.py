@@ -88,12 +88,23 @@ def register(app: faust.App, ctx: Any, stream: str) -> None:
     ctx.processors[stream] = pp
     keeper: SnapshotKeeper = ctx.snapshots
     anomalies_topic, dlq = ctx.topics["anomalies"], ctx.topics["dead_letter"]
-    state = {"last_event_wall": 0.0, "pending": False, "late": 0}
+    state = {"last_event_wall": 0.0, "pending": False, "late": 0, "tick": 0}
+
+    n_anomaly_partitions = settings.kafka.partitions
+    tick_ms = settings.windows.aggregate_s * 1000
 
     async def emit(anomalies: Sequence[Any]) -> None:
         for a in anomalies:
             m.anomalies.labels(detector=a.detector).inc()
-            await anomalies_topic.send(key=a.region.encode(), value=a.to_json())
+            await anomalies_topic.send(key=(a.scope or a.region).encode(), value=a.to_json())
+        # event-time ticks: the alerting agent resolves and sends grouped notifications on them,
+        # also when nothing is anomalous (one per window of event time, to every partition)
+        t = pp.event_time()
+        if t is not None and t - t % tick_ms > state["tick"]:
+            state["tick"] = t - t % tick_ms
+            tick = orjson.dumps({"tick": stream, "event_time": state["tick"]})
+            for part in range(n_anomaly_partitions):
+                await anomalies_topic.send(value=tick, partition=part)
 
     async def process(events: Sequence[Any]) -> None:
         started = time.perf_counter()

@@ -80,7 +80,8 @@ class AlertEngine:
         self.inhibit = bool(cfg["inhibit"]["enabled"])
         self.inhibit_confidence = float(cfg["inhibit"]["min_confidence"])
         self.static_silences = list(cfg.get("silences", []))
-        self.stats: Counter[str] = Counter()  # bounded keys: suppressed, silenced, inhibited, released, resolved
+        self.notify_info = bool(cfg.get("notify_info", False))
+        self.stats: Counter[str] = Counter()  # bounded keys: suppressed, info, silenced, inhibited, released, resolved
 
     # -- inputs --------------------------------------------------------------------------------
 
@@ -92,8 +93,13 @@ class AlertEngine:
         state = step.dedup_state
         state["scope"] = scope
         st.setdefault("open", {})[step.fingerprint] = anomaly.event_time
-        if step.alert is not None:
+        if step.alert is not None and step.alert["severity"] == "info" and not self.notify_info:
+            self.stats["info"] += 1  # context only: counted, kept in the dedup state, not sent
             state["last_alert"] = step.alert
+            state["silent"] = True
+        elif step.alert is not None:
+            state["last_alert"] = step.alert
+            state.pop("silent", None)
             inc = step.alert.get("incident_id") or step.fingerprint
             group = st.setdefault("pending", {}).setdefault(inc, {"first": anomaly.event_time, "flushed_at": None, "alerts": {}})
             if len(group["alerts"]) < MAX_PENDING or step.fingerprint in group["alerts"]:
@@ -153,7 +159,7 @@ class AlertEngine:
             for group in st.get("pending", {}).values():
                 group["alerts"].pop(fp, None)
             held = st.get("held", {}).pop(fp, None)
-            if state.get("last_alert") and not held:  # a held alert was never seen: no resolve for it
+            if state.get("last_alert") and not held and not state.get("silent"):  # nothing sent, nothing to resolve
                 out.append(self._resolved(state, last, emitted_at))
                 self.stats["resolved"] += 1
         # send the groups that are due
@@ -175,7 +181,7 @@ class AlertEngine:
             if not state or state.get("status") == "resolved" or fp not in st.get("open", {}):
                 del st["held"][fp]
                 continue
-            if self._still_held(hold, state.get("last_alert") or {}, now):
+            if self._still_held(hold, state.get("last_alert") or {}, now, st["open"][fp]):
                 continue
             del st["held"][fp]
             alert = {**state["last_alert"], "notification": "released", "emitted_at": emitted_at,
@@ -189,13 +195,16 @@ class AlertEngine:
                     del self.dedup[fp]
         return out
 
-    def _still_held(self, hold: Mapping[str, Any], alert: Mapping[str, Any], now: int) -> bool:
+    def _still_held(self, hold: Mapping[str, Any], alert: Mapping[str, Any], now: int, last_seen: int) -> bool:
         by = hold["by"]
         if by.startswith("silence:"):
             sid = by.split(":", 1)[1]
             return any(s.get("id") == sid and silence_matches(s, alert, now) for s in self._silences())
         root = self._get_dedup(by.split(":", 1)[1])
-        return bool(root) and root.get("status") != "resolved"
+        if root and root.get("status") != "resolved":
+            return True
+        # the root recovered: the child speaks for itself only if it went on after the root ended
+        return last_seen <= (root or {}).get("ends_at", 0)
 
     def _send(self, st: dict[str, Any], inc: str, batch: list[tuple[str, dict[str, Any]]], now: int, emitted_at: int) -> list[dict[str, Any]]:
         incident = next((i for i in st.get("incidents", []) if i["incident_id"] == inc), None)

@@ -296,7 +296,10 @@ def alert_step(
     entity = anomaly.entity
     fp = fingerprint(anomaly.kind, anomaly.detector, entity)
     c = classify(anomaly, settings)
-    region_state, incident = correlate_step(region_state, fp, anomaly, entity, graph, settings.windows.correlation_s * 1000)
+    if c.severity == "info":  # context (a traffic change, headroom used): recorded, never part of an incident
+        region_state, incident = dict(region_state or {}), None
+    else:
+        region_state, incident = correlate_step(region_state, fp, anomaly, entity, graph, settings.windows.correlation_s * 1000)
     dedup_state, decision = dedup_step(dedup_lookup(fp), anomaly.event_time, c.severity, settings.windows.dedup_repeat_s * 1000)
     dedup_state["region"] = anomaly.scope or anomaly.region
     if decision is None:

@@ -17,7 +17,8 @@ PAGING = ("P0", "P1")
 
 
 def _matches(alert: Mapping[str, Any], sc: Mapping[str, Any], expected: list[dict[str, str]], grace_ms: int) -> bool:
-    if not (sc["start_ms"] <= alert["event_time"] <= sc["end_ms"] + grace_ms):
+    """An alert (not an info record) on one of the incident's entities, while it lasts (plus grace)."""
+    if alert.get("severity") == "info" or not (sc["start_ms"] <= alert["event_time"] <= sc["end_ms"] + grace_ms):
         return False
     entity = alert["entity"]
     return any(all(entity.get(k) == v for k, v in exp.items()) for exp in expected)

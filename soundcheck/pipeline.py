@@ -12,7 +12,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
 
-from .alerting import ServiceGraph, alert_step, dedup_sweep_due, expired, public_entity
+from .alert_engine import AlertEngine
+from .alerting import ServiceGraph, public_entity
 from .contracts import Contract, Rejection, load_contracts
 from .detectors.base import Anomaly
 from .detectors.behavior import BehaviorRateDetector, FraudDetector
@@ -200,6 +201,11 @@ class PartitionedProcessor:
         self.offsets.pop(partition, None)
         self.dirty.discard(partition)
 
+    def event_time(self, now: Optional[float] = None) -> Optional[int]:
+        """The stream's event-time progress: the slowest active partition's watermark."""
+        marks = [w for w in (p.watermark(now) for p in self.partitions.values()) if w is not None]
+        return min(marks) if marks else None
+
     def last_event_time(self, partition: int) -> Optional[int]:
         proc = self.partitions.get(partition)
         return proc.watermark() if proc is not None else None
@@ -220,12 +226,16 @@ class PartitionedProcessor:
 
 @dataclass
 class OfflinePipeline:
-    """The whole worker in one process, with dicts for the Faust tables."""
+    """The whole worker in one process: dicts for the Faust tables, ticks from the fed records.
+
+    ``alerts`` collects every notification in the order the worker would send them.
+    """
 
     settings: Settings
     processors: dict[str, StreamProcessor] = field(default_factory=dict)
     dedup: dict[str, dict] = field(default_factory=dict)
-    regions: dict[str, dict] = field(default_factory=dict)
+    scopes: dict[str, dict] = field(default_factory=dict)
+    control: dict[str, dict] = field(default_factory=dict)
     anomalies: list[Anomaly] = field(default_factory=list)
     alerts: list[dict] = field(default_factory=list)
     rejections: list[tuple[str, Rejection]] = field(default_factory=list)
@@ -234,6 +244,9 @@ class OfflinePipeline:
     def __post_init__(self) -> None:
         contracts = load_contracts()
         self.graph = ServiceGraph(self.settings.services)
+        self.engine = AlertEngine(self.settings, self.graph, self.dedup, self.scopes, self.control)
+        self._progress: dict[str, int] = {}
+        self._tick = 0
         for s in STREAMS:
             self.processors.setdefault(s, StreamProcessor.create(self.settings, s, contracts))
 
@@ -245,22 +258,43 @@ class OfflinePipeline:
             records.extend(recs)
             self.rejections.extend((stream, r) for r in bad)
         self.events_in[stream] += len(records)
-        new = []
+        new: list[dict] = []
         for a in proc.detect(records):
-            self.anomalies.append(a)
-            alert = self.alert(a)
-            if alert is not None:
-                new.append(alert)
+            new += self.alert(a)
+        if records:
+            self._progress[stream] = max(self._progress.get(stream, 0), max(r.ts for r in records))
+            new += self.tick(min(self._progress.values()))
         return new
 
-    def alert(self, anomaly: Anomaly) -> Optional[dict]:
-        step = alert_step(anomaly, self.dedup.get, self.regions.get(anomaly.region), self.settings, self.graph, anomaly.event_time)
-        self.dedup[step.fingerprint] = step.dedup_state
-        self.regions[anomaly.region] = step.region_state
+    def alert(self, anomaly: Anomaly) -> list[dict]:
+        self.anomalies.append(anomaly)
+        out = self.engine.on_anomaly(anomaly, anomaly.event_time)
+        self.alerts.extend(out)
+        return out
+
+    def tick(self, event_time: int) -> list[dict]:
+        """Event time reached ``event_time`` everywhere: let every scope resolve and send what is due."""
+        step = self.settings.windows.aggregate_s * 1000
+        t = event_time - event_time % step
+        if t <= self._tick:
+            return []
+        self._tick = t
+        out: list[dict] = []
+        for scope in list(self.scopes):
+            out += self.engine.on_tick(scope, t, t)
+        self.alerts.extend(out)
+        return out
+
+    def finish(self, quiet_s: Optional[int] = None) -> list[dict]:
+        """The end of a replay: close the open windows, then let ``quiet_s`` of quiet event time
+        pass (default: long enough for every group to be sent and every alert to resolve)."""
         w = self.settings.windows
-        if dedup_sweep_due(step.region_state, anomaly.event_time, w.dedup_repeat_s * 1000):
-            for fp in expired(self.dedup.items(), anomaly.region, anomaly.event_time, 3 * w.dedup_repeat_s * 1000):
-                del self.dedup[fp]
-        if step.alert is not None:
-            self.alerts.append(step.alert)
-        return step.alert
+        out: list[dict] = []
+        for proc in self.processors.values():
+            for a in proc.flush():
+                out += self.alert(a)
+        quiet = (quiet_s if quiet_s is not None else w.resolve_after_s + w.group_wait_s + 2 * w.aggregate_s) * 1000
+        start = max(self._progress.values(), default=0)
+        for t in range(start, start + quiet + 1, w.aggregate_s * 1000):
+            out += self.tick(t)
+        return out

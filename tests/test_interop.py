@@ -155,7 +155,18 @@ def run():
 
 @pytest.fixture(scope="module")
 def alerts(run):
-    return run[2]
+    """The firing notifications (the worker also sends resolved ones: see test_real_resolved_alerts_map_to_resolve)."""
+    return [a for a in run[2] if a["status"] == "firing"]
+
+
+def test_real_resolved_alerts_map_to_resolve(run):
+    done = [a for a in run[2] if a["status"] == "resolved"]
+    assert done, "the offline run resolves its incidents at the end"
+    for a in done:
+        ev = to_pagerduty_event(a, routing_key="R" * 32)
+        assert ev == {"routing_key": "R" * 32, "event_action": "resolve", "dedup_key": a["fingerprint"]}
+    payload = to_alertmanager_webhook(done)
+    assert payload["status"] == "resolved" and all(x["endsAt"] != "0001-01-01T00:00:00Z" for x in payload["alerts"])
 
 
 def resolved(alert: dict) -> dict:
@@ -358,7 +369,7 @@ def test_user_ids_stay_pseudonymised(run):
     settings, sim, alerts = run
     raw = [acc for inj in sim.scenarios if inj.name == "fraud_farm" for acc in inj.details["accounts"]]
     assert raw
-    user_alerts = [a for a in alerts if "user_id" in a["entity"]]
+    user_alerts = [a for a in alerts if "user_id" in a["entity"] and a["status"] == "firing"]
     assert user_alerts
     known = {pseudonymize(r, settings.pseudonym_key) for r in raw}
     out = json.dumps([to_alertmanager_webhooks(alerts)] +

@@ -48,9 +48,7 @@ def offline_run():
     pipe = OfflinePipeline(settings)
     for b in sim.ticks():
         pipe.feed(b.stream, encode(b, 50), now_ms=T0 + 3_600_000)
-    for stream, proc in pipe.processors.items():
-        for a in proc.flush():
-            pipe.alert(a)
+    pipe.finish()
     return settings, sim, pipe
 
 
