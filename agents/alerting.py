@@ -1,17 +1,25 @@
-"""The alerting agent: anomalies -> classification, correlation, dedup -> the alerts topic.
+"""The alerting agent (anomalies and event-time ticks -> notifications) and the control agent.
 
-State lives in changelogged Faust tables, co-partitioned with the anomalies topic (keyed by
-region), so a restarted or rebalanced worker recovers it:
+The lifecycle itself is :class:`soundcheck.alert_engine.AlertEngine`; this module only wires it
+to Faust. Its state lives in changelogged tables co-partitioned with the anomalies topic (keyed
+by correlation scope), so a restarted or rebalanced worker neither forgets open alerts nor
+notifies them again:
 
-* ``soundcheck-dedup``, keyed by fingerprint: first and last seen, last notification,
-  severity, occurrences. It expires on event time: the states of a region not seen for three
-  repeat intervals are deleted while that region's anomalies are processed (so each tombstone
-  goes to the right changelog partition). A Faust *windowed* table would not do here: in
-  faust-streaming 0.15 windowed tables expire on the wall clock (``_del_old_keys`` compares with
-  ``time.time()``), which wipes dedup state when recorded traffic is replayed.
-* ``soundcheck-incidents``, keyed by region: the region's open incidents (bounded).
+* ``soundcheck-dedup``, keyed by fingerprint: the lifecycle of each alert (first and last seen,
+  last notification, severity, occurrences, firing/resolved, the last record sent). It expires
+  on event time, swept while its scope's events are processed, so every tombstone goes to the
+  right changelog partition. A Faust *windowed* table would not do: in faust-streaming 0.15
+  windowed tables expire on the wall clock (``_del_old_keys`` compares with ``time.time()``),
+  which wipes state whenever recorded traffic is replayed.
+* ``soundcheck-incidents``, keyed by scope: open incidents, firing fingerprints, notification
+  groups waiting to be sent, alerts held back by a silence or an inhibition.
+* ``soundcheck-control``, a global table of silences, written by the control agent from the
+  ``soundcheck.control`` topic and read by every worker.
 
-Per event (anomalies are few); nothing logged per event.
+Ticks: every ingest agent sends, to each anomalies partition, the event time its stream has
+reached (once per aggregation window). On a tick the agent takes the slowest stream's time
+(streams silent for a minute of wall time aside) and lets every scope of that partition resolve
+what went quiet and send the groups that are due.
 """
 
 from __future__ import annotations
@@ -22,48 +30,97 @@ from typing import Any
 
 import faust
 import orjson
+from aiokafka.partitioner import murmur2
 
-from soundcheck.alerting import alert_step, dedup_sweep_due, expired
+from soundcheck.alert_engine import AlertEngine
 from soundcheck.contracts import Rejection
 from soundcheck.detectors.base import Anomaly
 
 from .ingest import dead_letter
 
 log = logging.getLogger(__name__)
+STREAM_SILENT_S = 60.0  # a stream without ticks for this long (wall time) no longer holds the clock back
+
+
+def partition_of(key: str, partitions: int) -> int:
+    """The partition Kafka's default partitioner gives ``key`` (as the ingest agents send it)."""
+    return (murmur2(key.encode()) & 0x7FFFFFFF) % partitions
 
 
 def register(app: faust.App, ctx: Any) -> None:
     settings, m = ctx.settings, ctx.metrics
-    w = settings.windows
     partitions = settings.kafka.partitions
-    dedup = app.Table("soundcheck-dedup", default=dict, partitions=partitions)
-    incidents = app.Table("soundcheck-incidents", default=dict, partitions=partitions)
+    dedup = app.Table("soundcheck-dedup", default=None, partitions=partitions)
+    scopes = app.Table("soundcheck-incidents", default=None, partitions=partitions)
+    control = app.GlobalTable("soundcheck-control", default=None, partitions=partitions)
+    engine = AlertEngine(settings, ctx.graph, dedup, scopes, control)
+    ctx.engine = engine
     alerts_topic, anomalies_topic, dlq = ctx.topics["alerts"], ctx.topics["anomalies"], ctx.topics["dead_letter"]
+    clocks: dict[int, dict[str, tuple[int, float]]] = {}  # partition -> stream -> (event time, wall time)
+    reported: dict[str, int] = {}
 
-    async def handle(anomaly: Anomaly) -> None:
-        step = alert_step(anomaly, lambda fp: dedup[fp] or None, incidents[anomaly.region] or None, settings, ctx.graph,
-                          int(time.time() * 1000))
-        dedup[step.fingerprint] = step.dedup_state
-        if dedup_sweep_due(step.region_state, anomaly.event_time, w.dedup_repeat_s * 1000):
-            for fp in expired(list(dedup.items()), anomaly.region, anomaly.event_time, 3 * w.dedup_repeat_s * 1000):
-                del dedup[fp]
-        incidents[anomaly.region] = step.region_state
-        m.anomalies_handled.inc()
-        if step.alert is None:
-            m.suppressed.labels(severity=step.severity).inc()
-            return
-        m.alerts.labels(severity=step.alert["severity"]).inc()
-        await alerts_topic.send(key=step.fingerprint.encode(), value=orjson.dumps(step.alert))
+    async def send(notes: list[dict[str, Any]]) -> None:
+        for n in notes:
+            m.alerts.labels(severity=n["severity"]).inc()
+            await alerts_topic.send(key=n["fingerprint"].encode(), value=orjson.dumps(n))
+        for outcome, count in engine.stats.items():
+            if count > reported.get(outcome, 0):
+                m.alert_outcomes.labels(outcome=outcome).inc(count - reported.get(outcome, 0))
+                reported[outcome] = count
+
+    def on_tick(partition: int, doc: dict[str, Any]) -> list[dict[str, Any]]:
+        wall = time.time()
+        streams = clocks.setdefault(partition, {})
+        streams[str(doc["tick"])] = (int(doc["event_time"]), wall)
+        live = [t for t, seen in streams.values() if wall - seen < STREAM_SILENT_S]
+        now = min(live) if live else int(doc["event_time"])
+        notes: list[dict[str, Any]] = []
+        for scope in [k for k in list(scopes.keys()) if partition_of(k, partitions) == partition]:
+            notes += engine.on_tick(scope, now, int(wall * 1000))
+        return notes
 
     async def alerting(stream: faust.StreamT) -> None:
         async for event in stream.events():
             try:
-                await handle(Anomaly.from_json(event.value))
-            except Exception as exc:  # never fatal: the anomaly goes to the dead letters
-                m.anomalies_handled.inc()
-                log.exception("agent soundcheck.alerting: anomaly at offset %s failed", event.message.offset)
+                doc = orjson.loads(event.value)
+                if "tick" in doc:
+                    notes = on_tick(event.message.partition, doc)
+                else:
+                    m.anomalies_handled.inc()
+                    notes = engine.on_anomaly(Anomaly.from_json(doc), int(time.time() * 1000))
+                await send(notes)
+            except Exception as exc:  # never fatal: the record goes to the dead letters
+                log.exception("agent soundcheck.alerting: record at offset %s failed", event.message.offset)
                 key, value = dead_letter(event, Rejection("processing_error", f"soundcheck.alerting: {type(exc).__name__}: {exc}"), "anomalies")
                 await dlq.send(key=key, value=value)
                 m.dead_letters.labels(topic=settings.topics.anomalies, reason="processing_error").inc()
 
     app.agent(anomalies_topic, name="soundcheck.alerting")(alerting)
+
+    async def control_agent(stream: faust.StreamT) -> None:
+        """Silences at run time: ``{"action": "silence", "silence": {...}}`` adds or replaces one
+        (``id``, ``matchers``, ``starts_at``, ``ends_at`` in epoch ms, ``comment``);
+        ``{"action": "expire", "id": "..."}`` removes one. Anything else is dead-lettered."""
+        async for event in stream.events():
+            try:
+                doc = orjson.loads(event.value)
+                action = doc.get("action") if isinstance(doc, dict) else None
+                if action == "silence":
+                    s = doc["silence"]
+                    if not isinstance(s.get("id"), str) or not isinstance(s.get("matchers"), dict) or not s["matchers"]:
+                        raise ValueError("a silence needs an 'id' and non-empty 'matchers'")
+                    control[s["id"]] = {"id": s["id"], "matchers": {str(k): str(v) for k, v in s["matchers"].items()},
+                                        "starts_at": int(s.get("starts_at", 0)), "ends_at": int(s.get("ends_at", 2**62)),
+                                        "comment": str(s.get("comment", ""))}
+                    m.control_messages.labels(action="silence").inc()
+                elif action == "expire":
+                    control[str(doc["id"])] = None
+                    m.control_messages.labels(action="expire").inc()
+                else:
+                    raise ValueError(f"unknown control action {action!r}; expected 'silence' or 'expire'")
+            except Exception as exc:
+                key, value = dead_letter(event, Rejection("schema", f"soundcheck.control: {type(exc).__name__}: {exc}"), "control")
+                await dlq.send(key=key, value=value)
+                m.dead_letters.labels(topic=settings.topics.control, reason="schema").inc()
+
+    app.agent(ctx.topics["control"], name="soundcheck.control")(control_agent)

@@ -86,6 +86,8 @@ class AlertEngine:
     # -- inputs --------------------------------------------------------------------------------
 
     def on_anomaly(self, anomaly: Anomaly, emitted_at: int) -> list[dict[str, Any]]:
+        """Take one anomaly in. Anomalies of different partitions arrive out of event-time order,
+        so they never move the clock: only :meth:`on_tick` (a watermark) resolves and sends."""
         scope = anomaly.scope or anomaly.region
         st = self._scope(scope)
         step = alert_step(anomaly, self._get_dedup, st, self.settings, self.graph, emitted_at)
@@ -96,10 +98,8 @@ class AlertEngine:
         if step.alert is not None and step.alert["severity"] == "info" and not self.notify_info:
             self.stats["info"] += 1  # context only: counted, kept in the dedup state, not sent
             state["last_alert"] = step.alert
-            state["silent"] = True
         elif step.alert is not None:
             state["last_alert"] = step.alert
-            state.pop("silent", None)
             inc = step.alert.get("incident_id") or step.fingerprint
             group = st.setdefault("pending", {}).setdefault(inc, {"first": anomaly.event_time, "flushed_at": None, "alerts": {}})
             if len(group["alerts"]) < MAX_PENDING or step.fingerprint in group["alerts"]:
@@ -111,10 +111,9 @@ class AlertEngine:
             if state.get("last_alert"):  # keep the record current for a later release or resolve
                 state["last_alert"] = {**state["last_alert"], "last_seen": state["last_seen"], "occurrences": state["occurrences"]}
         self.dedup[step.fingerprint] = state
-        st["now"] = max(st.get("now", 0), anomaly.event_time)
-        out = self._advance(scope, st, emitted_at)
+        st.setdefault("now", 0)
         self.scopes[scope] = st
-        return out
+        return []  # nothing is sent on an anomaly: groups wait, and time moves only with ticks
 
     def on_tick(self, scope: str, event_time: int, emitted_at: int) -> list[dict[str, Any]]:
         """Event time has reached ``event_time`` for ``scope``: resolve, flush, release what is due."""
@@ -159,7 +158,7 @@ class AlertEngine:
             for group in st.get("pending", {}).values():
                 group["alerts"].pop(fp, None)
             held = st.get("held", {}).pop(fp, None)
-            if state.get("last_alert") and not held and not state.get("silent"):  # nothing sent, nothing to resolve
+            if state.get("last_alert") and state.get("sent") and not held:  # only what was sent is resolved
                 out.append(self._resolved(state, last, emitted_at))
                 self.stats["resolved"] += 1
         # send the groups that are due
@@ -184,6 +183,8 @@ class AlertEngine:
             if self._still_held(hold, state.get("last_alert") or {}, now, st["open"][fp]):
                 continue
             del st["held"][fp]
+            state["sent"] = True
+            self.dedup[fp] = state
             alert = {**state["last_alert"], "notification": "released", "emitted_at": emitted_at,
                      "released_from": {**hold, "released_at": now}, "alert_id": str(uuid.uuid4())}
             out.append(alert)
@@ -232,6 +233,10 @@ class AlertEngine:
             if incident:  # the latest view of the incident, as of sending
                 alert["related"] = sorted(f for f in incident["members"] if f != fp)
                 alert["root_cause"] = incident.get("root_cause")
+            sent = self._get_dedup(fp)
+            if sent is not None:
+                sent["sent"] = True
+                self.dedup[fp] = sent
             alert["group"] = {"incident_id": inc, "size": len(batch)}
             alert["emitted_at"] = emitted_at
             alert["alert_id"] = str(uuid.uuid4())

@@ -79,6 +79,7 @@ def dedup_step(
             "occurrences": 1,
             "notifications": 1,
             "status": "firing",
+            "sent": False,
         }, "new"
     state = dict(state)
     state["occurrences"] += 1

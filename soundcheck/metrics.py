@@ -47,9 +47,15 @@ class WorkerMetrics:
             ["stream"], registry=registry,
         )
         self.alerts = Counter("soundcheck_alerts", "Alert notifications sent, by severity", ["severity"], registry=registry)
-        self.suppressed = Counter(
-            "soundcheck_alerts_suppressed", "Anomalies folded into an already notified alert (dedup), by severity",
-            ["severity"], registry=registry,
+        self.control_messages = Counter(
+            "soundcheck_control_messages", "Control messages applied (silences added or expired), by action", ["action"],
+            registry=registry,
+        )
+        self.alert_outcomes = Counter(
+            "soundcheck_alert_outcomes",
+            "What happened to anomalies and notifications besides being sent: suppressed (dedup), info (context, not sent), "
+            "silenced, inhibited, released, resolved",
+            ["outcome"], registry=registry,
         )
         self.batch_seconds = Histogram(
             "soundcheck_batch_processing_seconds", "Time to decode and detect one batch, by stream", ["stream"],

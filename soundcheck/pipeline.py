@@ -201,9 +201,12 @@ class PartitionedProcessor:
         self.offsets.pop(partition, None)
         self.dirty.discard(partition)
 
-    def event_time(self, now: Optional[float] = None) -> Optional[int]:
-        """The stream's event-time progress: the slowest active partition's watermark."""
-        marks = [w for w in (p.watermark(now) for p in self.partitions.values()) if w is not None]
+    def event_time(self, now: Optional[float] = None, idle_s: float = 60.0) -> Optional[int]:
+        """The stream's event-time progress for the alerting clock: the slowest partition that
+        had records within ``idle_s`` of wall time (a longer horizon than the windows' idle
+        timeout: a partition starved while a backlog is read must not let the clock run ahead)."""
+        now = time.time() if now is None else now
+        marks = [ts for proc in self.partitions.values() for ts, wall in proc._progress.values() if now - wall < idle_s]
         return min(marks) if marks else None
 
     def last_event_time(self, partition: int) -> Optional[int]:

@@ -57,6 +57,7 @@ class TopicSettings:
     alerts: str
     dead_letter: str
     anomalies: str
+    control: str
 
     def inputs(self) -> dict[str, str]:
         """The three input topics by stream name."""

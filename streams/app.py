@@ -81,6 +81,7 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
     ctx.topics["anomalies"] = app.topic(t.anomalies, partitions=k.partitions, internal=True, **raw)
     ctx.topics["alerts"] = app.topic(t.alerts, partitions=k.partitions, **raw)
     ctx.topics["dead_letter"] = app.topic(t.dead_letter, partitions=k.partitions, **raw)
+    ctx.topics["control"] = app.topic(t.control, **raw)
 
     from agents import alerting, ingest, web  # the agents are thin wiring over soundcheck.*
 

@@ -22,10 +22,12 @@ def engine(settings):
 
 
 def run(engine, events):
-    """events: (t, anomaly or None for a tick) -> notifications in order."""
+    """events: (t, anomaly or None): an anomaly is followed by a tick at its time, as in the worker."""
     out = []
     for t, a in events:
-        out += engine.on_anomaly(a, t) if a is not None else engine.on_tick("BR", t, t)
+        if a is not None:
+            out += engine.on_anomaly(a, t)
+        out += engine.on_tick("BR", t, t)
     return out
 
 
