@@ -93,18 +93,20 @@ def register(app: faust.App, ctx: Any, stream: str) -> None:
     n_anomaly_partitions = settings.kafka.partitions
     tick_ms = settings.windows.aggregate_s * 1000
 
-    async def emit(anomalies: Sequence[Any]) -> None:
+    async def emit(anomalies: Sequence[Any], quiet_ms: int = 0) -> None:
         for a in anomalies:
             m.anomalies.labels(detector=a.detector).inc()
             await anomalies_topic.send(key=(a.scope or a.region).encode(), value=a.to_json())
         # event-time ticks: the alerting agent resolves and sends grouped notifications on them,
         # also when nothing is anomalous (one per window of event time, to every partition)
-        t = pp.event_time()
-        if t is not None and t - t % tick_ms > state["tick"]:
-            state["tick"] = t - t % tick_ms
-            tick = orjson.dumps({"tick": stream, "event_time": state["tick"]})
-            for part in range(n_anomaly_partitions):
-                await anomalies_topic.send(value=tick, partition=part)
+        t = pp.event_time(idle_s=float("inf") if quiet_ms else 60.0)
+        if t is not None:
+            t += quiet_ms
+            if t - t % tick_ms > state["tick"]:
+                state["tick"] = t - t % tick_ms
+                tick = orjson.dumps({"tick": stream, "event_time": state["tick"]})
+                for part in range(n_anomaly_partitions):
+                    await anomalies_topic.send(value=tick, partition=part)
 
     async def process(events: Sequence[Any]) -> None:
         started = time.perf_counter()
@@ -174,7 +176,9 @@ def register(app: faust.App, ctx: Any, stream: str) -> None:
         """Close the open windows of a quiet stream, so the last anomalies are not held back."""
         if state["pending"] and time.time() - state["last_event_wall"] >= IDLE_FLUSH_S:
             state["pending"] = False
-            await emit(pp.flush())
+            # the stream went quiet: its open windows close, and its event time is taken to have
+            # moved on by one notification group wait, so notifications waiting on it go out
+            await emit(pp.flush(), quiet_ms=(settings.windows.group_wait_s + settings.windows.aggregate_s) * 1000)
             m.open_windows.labels(stream=stream).set(pp.open_windows)
 
     app.timer(interval=IDLE_FLUSH_S, name=f"soundcheck.flush.{stream}")(flush_idle)

@@ -99,6 +99,8 @@ class AlertEngine:
             self.stats["info"] += 1  # context only: counted, kept in the dedup state, not sent
             state["last_alert"] = step.alert
         elif step.alert is not None:
+            if not state.get("sent"):  # nothing of this episode has gone out yet: it is still news
+                step.alert["notification"] = "new"
             state["last_alert"] = step.alert
             inc = step.alert.get("incident_id") or step.fingerprint
             group = st.setdefault("pending", {}).setdefault(inc, {"first": anomaly.event_time, "flushed_at": None, "alerts": {}})

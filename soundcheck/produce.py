@@ -26,13 +26,15 @@ async def produce(
     *,
     batch: int = 100,
     realtime: float = 0.0,
+    seconds: Optional[range] = None,
     progress: Optional[Callable[[str], None]] = None,
     progress_every_s: float = 2.0,
 ) -> dict[str, Any]:
     """Produce every tick of ``sim`` to the input topics; returns counts and the ground truth.
 
     ``batch``: records per message (1 = one JSON object per message). ``realtime``: ticks per
-    wall second (0 = as fast as possible). Messages are keyed by region (audio), user (behaviour)
+    wall second (0 = as fast as possible). ``seconds``: only these seconds of the run (to produce
+    a run in parts; the simulator carries on where it stopped). Messages are keyed by region (audio), user (behaviour)
     and service (system), so an entity's records stay on one partition.
     """
     topics = settings.topics.inputs()
@@ -48,7 +50,8 @@ async def produce(
     started = last = time.monotonic()
     try:
         pending: list[asyncio.Future] = []
-        for sec in range(sim.duration_s):
+        span = seconds if seconds is not None else range(sim.duration_s)
+        for sec in span:
             t = sim.start_ms + sec * 1000
             for b in sim.tick(t):
                 for value in encode(b, batch):
