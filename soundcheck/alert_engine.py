@@ -146,6 +146,20 @@ class AlertEngine:
     def _advance(self, scope: str, st: dict[str, Any], emitted_at: int) -> list[dict[str, Any]]:
         now = st["now"]
         out: list[dict[str, Any]] = []
+        # send the groups that are due (before resolving: when the clock jumps, as in a replay
+        # where one stream runs ahead, what fired is still sent before it resolves)
+        for inc, group in list(st.get("pending", {}).items()):
+            if not group["alerts"]:
+                if group["flushed_at"] is not None and now - group["flushed_at"] > self.repeat * 3:
+                    del st["pending"][inc]
+                continue
+            due = (now - group["first"] >= self.group_wait) if group["flushed_at"] is None else (now - group["flushed_at"] >= self.group_interval)
+            if not due:
+                continue
+            batch = list(group["alerts"].items())
+            group["alerts"] = {}
+            group["flushed_at"] = now
+            out.extend(self._send(st, inc, batch, now, emitted_at))
         # resolve what has been quiet for resolve_after (keep-firing-for)
         for fp, last in list(st.get("open", {}).items()):
             if now - last < self.resolve_after:
@@ -163,19 +177,6 @@ class AlertEngine:
             if state.get("last_alert") and state.get("sent") and not held:  # only what was sent is resolved
                 out.append(self._resolved(state, last, emitted_at))
                 self.stats["resolved"] += 1
-        # send the groups that are due
-        for inc, group in list(st.get("pending", {}).items()):
-            if not group["alerts"]:
-                if group["flushed_at"] is not None and now - group["flushed_at"] > self.repeat * 3:
-                    del st["pending"][inc]
-                continue
-            due = (now - group["first"] >= self.group_wait) if group["flushed_at"] is None else (now - group["flushed_at"] >= self.group_interval)
-            if not due:
-                continue
-            batch = list(group["alerts"].items())
-            group["alerts"] = {}
-            group["flushed_at"] = now
-            out.extend(self._send(st, inc, batch, now, emitted_at))
         # release held alerts whose silence ended or whose inhibiting root resolved
         for fp, hold in list(st.get("held", {}).items()):
             state = self._get_dedup(fp)
