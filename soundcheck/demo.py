@@ -39,7 +39,9 @@ def _line(alert: dict[str, Any], start_ms: int, color: bool) -> str:
         rc = "  <- root cause " + ", ".join(f"{k}={v}" for k, v in sorted(root["entity"].items()))
     sev = alert["severity"]
     c0, c1 = (COLORS.get(sev, ""), "\033[0m") if color else ("", "")
-    note = "" if alert.get("notification") == "new" else f" ({alert.get('notification')})"
+    note = "" if alert.get("notification") in ("new", "resolved") else f" ({alert.get('notification')})"
+    if alert.get("status") == "resolved" and color:
+        c0 = "\033[32m"
     return f"  t+{t:6.0f}s {c0}{alert['priority']} {sev:<8}{c1} {alert['title']}{note}{rc}"
 
 
@@ -117,7 +119,10 @@ async def _replay(settings: Settings, worker: WorkerProcess, *, rate: float, dur
     print(f"  events in          {events_in:,.0f} valid records ({truth['messages']:,} messages, {valid:,} produced)")
     print(f"  dead letters       {dlq:,.0f} (malformed injected: {truth['produced_malformed']})")
     print(f"  anomalies          {sum(v for k, v in m.items() if k.startswith('soundcheck_anomalies_total')):,.0f}")
-    print(f"  alerts out         {len(alerts)} notifications")
+    by_kind: dict[str, int] = {}
+    for a in alerts:
+        by_kind[a.get("notification", "new")] = by_kind.get(a.get("notification", "new"), 0) + 1
+    print(f"  alerts out         {len(alerts)} notifications ({', '.join(f'{v} {k}' for k, v in sorted(by_kind.items()))})")
     print(f"  incidents found    {report['found']} of {report['injected']} injected")
     for row in report["scenarios"]:
         if row.get("must_not_page"):
