@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import uuid
-from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional
 
 from .classify import SEVERITY_RANK, Classification, classify

@@ -9,7 +9,6 @@ ends with events in, alerts out, dead letters and incidents found against inject
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import sys
 import tempfile

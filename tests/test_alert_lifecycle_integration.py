@@ -11,25 +11,18 @@ import orjson
 import pytest
 
 from soundcheck.classify import SEVERITY_RANK
-from soundcheck.harness import WorkerProcess, read_topic, worker_env
-from soundcheck.kafka_admin import ensure_topics_async, worker_topics
+from soundcheck.harness import read_topic
 from soundcheck.produce import produce
 from soundcheck.simulator import Simulator
+
+from tests.workers import isolated, start_worker
 
 pytestmark = pytest.mark.integration
 PLAN = (("cdn_pop_degradation", 200, 180),)
 
 
-def _isolated(settings, bootstrap, unique_name):
-    topics = {role: unique_name(name) for role, name in settings.topics.__dict__.items()}
-    s = settings.replace(kafka={"bootstrap_servers": bootstrap, "app_id": unique_name("soundcheck-life")}, topics=topics)
-    asyncio.run(ensure_topics_async(bootstrap, worker_topics(s), s.kafka.partitions, 1))
-    return s
 
 
-def _worker(s, tmp_path, name):
-    env = worker_env(s.kafka.bootstrap_servers, s.kafka.app_id, s.topics.__dict__, tmp_path / "data")
-    return WorkerProcess(env, tmp_path / f"{name}.log").start()
 
 
 def _alerts(s, until, timeout=120):
@@ -38,12 +31,12 @@ def _alerts(s, until, timeout=120):
 
 
 def test_fires_once_escalates_only_up_resolves_and_survives_a_restart(kafka_bootstrap, unique_name, tmp_path, settings):
-    s = _isolated(settings, kafka_bootstrap, unique_name)
+    s = isolated(settings, kafka_bootstrap, unique_name, "soundcheck-life")
     sim = Simulator(seed=44, rate=80, duration_s=620, start_ms=(int(time.time()) - 700) * 1000, plan=PLAN)
     pop = sim.scenarios[0].details["cdn_pop"]
     on_pop = lambda alerts: [a for a in alerts if a["entity"].get("cdn_pop") == pop]  # noqa: E731
 
-    first = _worker(s, tmp_path, "first")
+    first = start_worker(s, tmp_path, "first", data="shared")
     try:
         first.wait_ready()
         asyncio.run(produce(sim, s, batch=40, seconds=range(0, 300)))  # the incident is under way at 300 s
@@ -53,7 +46,7 @@ def test_fires_once_escalates_only_up_resolves_and_survives_a_restart(kafka_boot
     finally:
         first.stop()
 
-    second = _worker(s, tmp_path, "second")
+    second = start_worker(s, tmp_path, "second", data="shared")
     try:
         second.wait_ready()
         truth = asyncio.run(produce(sim, s, batch=40, seconds=range(300, 620)))
@@ -79,7 +72,7 @@ def test_fires_once_escalates_only_up_resolves_and_survives_a_restart(kafka_boot
 def test_a_silence_on_the_control_topic_holds_alerts_back(kafka_bootstrap, unique_name, tmp_path, settings):
     from aiokafka import AIOKafkaProducer
 
-    s = _isolated(settings, kafka_bootstrap, unique_name)
+    s = isolated(settings, kafka_bootstrap, unique_name, "soundcheck-life")
     sim = Simulator(seed=45, rate=80, duration_s=560, start_ms=(int(time.time()) - 700) * 1000, plan=PLAN)
     sc = sim.scenarios[0]
     silence = {"action": "silence", "silence": {"id": "maint-test", "matchers": {"region": sc.region},
@@ -94,7 +87,7 @@ def test_a_silence_on_the_control_topic_holds_alerts_back(kafka_bootstrap, uniqu
         finally:
             await p.stop()
 
-    worker = _worker(s, tmp_path, "silenced")
+    worker = start_worker(s, tmp_path, "silenced")
     try:
         worker.wait_ready()
         asyncio.run(send_control())

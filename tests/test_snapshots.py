@@ -13,10 +13,11 @@ import orjson
 import pytest
 from prometheus_client import CollectorRegistry
 
+from tests.workers import isolated, start_worker
 from soundcheck import snapshots
 from soundcheck.contracts import load_contracts
-from soundcheck.harness import WorkerProcess, read_topic, worker_env
-from soundcheck.kafka_admin import ensure_topics_async, read_latest, snapshot_topic, worker_topics
+from soundcheck.harness import WorkerProcess, read_topic
+from soundcheck.kafka_admin import read_latest, snapshot_topic
 from soundcheck.metrics import WorkerMetrics
 from soundcheck.pipeline import PROGRESS_SKEW_MS, PartitionedProcessor, StreamProcessor
 from soundcheck.produce import produce
@@ -201,17 +202,8 @@ def test_the_snapshot_interval_comes_from_the_environment_when_set():
 # a restart against the real broker
 
 
-def _isolated(settings, bootstrap, unique_name):
-    topics = {role: unique_name(name) for role, name in settings.topics.__dict__.items()}
-    s = settings.replace(kafka={"bootstrap_servers": bootstrap, "app_id": unique_name("soundcheck-snap")}, topics=topics)
-    asyncio.run(ensure_topics_async(bootstrap, worker_topics(s), s.kafka.partitions, 1))
-    return s
 
 
-def _worker(s, tmp_path, name):
-    env = worker_env(s.kafka.bootstrap_servers, s.kafka.app_id, s.topics.__dict__, tmp_path / f"{name}-data",
-                     {"SOUNDCHECK_SNAPSHOT_INTERVAL_S": "1"})
-    return WorkerProcess(env, tmp_path / f"{name}.log").start()
 
 
 def _sum(worker: WorkerProcess, prefix: str, **labels: str) -> float:
@@ -245,10 +237,10 @@ def _settled(worker: WorkerProcess, events: int) -> bool:
 @pytest.mark.integration
 def test_a_restarted_worker_restores_its_detector_state_and_does_not_page_on_its_cold_start(kafka_bootstrap, unique_name,
                                                                                            tmp_path, settings):
-    s = _isolated(settings, kafka_bootstrap, unique_name)
+    s = isolated(settings, kafka_bootstrap, unique_name, "soundcheck-snap")
     start = (int(time.time()) - 900) * 1000
     warmup = Simulator(seed=21, rate=100, duration_s=240, start_ms=start, plan=())
-    first = _worker(s, tmp_path, "first")
+    first = start_worker(s, tmp_path, "first", extra={"SOUNDCHECK_SNAPSHOT_INTERVAL_S": "1"})
     try:
         first.wait_ready()
         truth = asyncio.run(produce(warmup, s, batch=20))
@@ -267,7 +259,7 @@ def test_a_restarted_worker_restores_its_detector_state_and_does_not_page_on_its
     header = snapshots.decode_header(next(iter(stored.values())))[0]
     assert header["river"] == "0.26.1" and header["last_offset"] >= 0
 
-    second = _worker(s, tmp_path, "second")
+    second = start_worker(s, tmp_path, "second", extra={"SOUNDCHECK_SNAPSHOT_INTERVAL_S": "1"})
     try:
         second.wait_ready()
         second.wait_for(lambda: _sum(second, "soundcheck_snapshots_restored_total") >= len(stored), timeout=60,

@@ -17,24 +17,17 @@ import pytest
 
 from soundcheck.contracts import SCHEMA_DIR
 from soundcheck.evaluation import evaluate
-from soundcheck.harness import WorkerProcess, read_topic, worker_env
-from soundcheck.kafka_admin import ensure_topics_async, worker_topics
+from soundcheck.harness import WorkerProcess, read_topic
 from soundcheck.produce import produce
 from soundcheck.simulator import Simulator
+
+from tests.workers import isolated, start_worker
 
 pytestmark = pytest.mark.integration
 
 
-def _isolated(settings, bootstrap, unique_name):
-    topics = {role: unique_name(name) for role, name in settings.topics.__dict__.items()}
-    s = settings.replace(kafka={"bootstrap_servers": bootstrap, "app_id": unique_name("soundcheck-test")}, topics=topics)
-    asyncio.run(ensure_topics_async(bootstrap, worker_topics(s), s.kafka.partitions, 1))
-    return s
 
 
-def _start_worker(s, tmp_path, name="worker"):
-    env = worker_env(s.kafka.bootstrap_servers, s.kafka.app_id, s.topics.__dict__, tmp_path / f"{name}-data")
-    return WorkerProcess(env, tmp_path / f"{name}.log").start()
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +35,8 @@ def scenario_run(kafka_bootstrap, unique_name, tmp_path_factory):
     from soundcheck.settings import load_settings
 
     tmp = tmp_path_factory.mktemp("e2e")
-    s = _isolated(load_settings("development", environ={}), kafka_bootstrap, unique_name)
-    worker = _start_worker(s, tmp)
+    s = isolated(load_settings("development", environ={}), kafka_bootstrap, unique_name)
+    worker = start_worker(s, tmp)
     try:
         worker.wait_ready()
         sim = Simulator(seed=21, rate=100, duration_s=900, start_ms=(int(time.time()) - 1000) * 1000)
@@ -114,8 +107,8 @@ def test_every_malformed_record_is_dead_lettered_with_its_origin_and_nothing_els
 
 
 def test_two_workers_share_the_partitions_of_one_consumer_group(kafka_bootstrap, unique_name, tmp_path, settings):
-    s = _isolated(settings, kafka_bootstrap, unique_name)
-    a, b = _start_worker(s, tmp_path, "a"), _start_worker(s, tmp_path, "b")
+    s = isolated(settings, kafka_bootstrap, unique_name)
+    a, b = start_worker(s, tmp_path, "a"), start_worker(s, tmp_path, "b")
     try:
         a.wait_ready()
         b.wait_ready()
