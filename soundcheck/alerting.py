@@ -169,17 +169,26 @@ def _root_cause(members: Mapping[str, Mapping[str, Any]], graph: ServiceGraph) -
 def correlate_step(
     state: Optional[dict[str, Any]], fp: str, anomaly: Anomaly, entity: Mapping[str, str], graph: ServiceGraph, gap_ms: int
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Place an anomaly in its region's open incidents: join the first one with a member on the
-    same dependency path (within ``gap_ms`` of its last anomaly), or open a new one.
+    """Place an anomaly in its scope's open incidents: join the first one with a member on the
+    same dependency path (within ``gap_ms`` of its last anomaly), or open a new one. Anomalies
+    that carry ``details["links"]`` (streaming fraud: the artists, devices and countries of an
+    account) join the incident they share a link with instead: a farm is one incident.
 
     Returns the region's new state and the incident the anomaly belongs to.
     """
     now = anomaly.event_time
     incidents = [i for i in (state or {}).get("incidents", []) if now - i["last_seen"] <= gap_ms]
+    links = set(anomaly.details.get("links", ()))  # shared artists, devices, countries (fraud)
     target = None
     for inc in incidents:
-        if fp in inc["members"] or any(graph.on_path(anomaly.node, m["node"]) for m in inc["members"].values()):
+        if fp in inc["members"]:
             target = inc
+        elif links:  # accounts are one farm when they share an artist, a device or a country
+            if links & set(inc.get("links", ())):
+                target = inc
+        elif any(graph.on_path(anomaly.node, m["node"]) for m in inc["members"].values() if not m.get("linked")):
+            target = inc
+        if target is not None:
             break
     if target is None:
         target = {
@@ -202,9 +211,12 @@ def correlate_step(
                 "entity": dict(entity),
                 "first_seen": now,
                 "signals": [s.metric for s in anomaly.signals][:4],
+                **({"linked": True} if links else {}),
             }
         else:
             target["dropped_members"] += 1
+    if links:
+        target["links"] = sorted(set(target.get("links", ())) | links)[:MAX_INCIDENT_MEMBERS * 4]
     target["root_cause"] = _root_cause(target["members"], graph)
     return {**(state or {}), "incidents": incidents}, target
 
@@ -221,6 +233,19 @@ def _summary(anomaly: Anomaly, entity: Mapping[str, str]) -> str:
         limit = f", past the limit {s.limit:g}" if s.limit is not None else ""
         parts.append(f"{s.metric} {verb} {s.observed:.4g} (normal {s.expected:.4g}{limit})")
     return f"{anomaly.kind.replace('_', ' ')} on {where}: " + "; ".join(parts) + "."
+
+
+def recommendations(runbooks: Mapping[str, Any], kind: str, root: Optional[Mapping[str, Any]]) -> list[str]:
+    """Runbook entries for the alert's kind, then for its incident's root cause (``root:<node>``).
+
+    >>> recommendations({"default": ["look"], "root:cdn": ["drain the PoP"]}, "audio_quality_degradation", {"node": "cdn"})
+    ['look', 'drain the PoP']
+    """
+    out = list(runbooks.get(kind, runbooks["default"]))
+    for line in runbooks.get(f"root:{(root or {}).get('node')}", ()):
+        if line not in out:
+            out.append(line)
+    return out
 
 
 def build_alert(
@@ -254,7 +279,7 @@ def build_alert(
         "score": anomaly.score,
         "signals": [s.to_dict() for s in anomaly.signals],
         "business_impact": classification.business_impact,
-        "recommendations": list(runbooks.get(anomaly.kind, runbooks["default"])),
+        "recommendations": recommendations(runbooks, anomaly.kind, root),
         "root_cause": root,
         "incident_id": (incident or {}).get("incident_id"),
         "related": related,

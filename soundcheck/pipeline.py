@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
 
 from .alert_engine import AlertEngine
-from .alerting import ServiceGraph, public_entity
+from .alerting import ServiceGraph, pseudonymize, public_entity
 from .contracts import Contract, Rejection, load_contracts
 from .detectors.base import Anomaly
 from .detectors.behavior import BehaviorRateDetector, FraudDetector
@@ -22,6 +22,18 @@ from .detectors.system import SystemMetricsDetector
 from .settings import Settings
 
 STREAMS = ("audio", "behavior", "system")
+
+
+def publish(anomaly: Anomaly, settings: Settings) -> None:
+    """Make an anomaly fit to leave detection: user ids in its entity and device ids in its
+    correlation links become keyed pseudonyms."""
+    anomaly.entity = public_entity(anomaly.entity, settings)
+    links = anomaly.details.get("links")
+    if links:
+        key = settings.pseudonym_key
+        anomaly.details["links"] = [
+            f"device:{pseudonymize(x[7:], key)}" if x.startswith("device:") else x for x in links
+        ]
 IDLE_PARTITION_S = 10.0  # a partition without records for this long stops holding the watermark back
 PROGRESS_SKEW_MS = 5_000  # a partition's event-time progress never runs ahead of the wall clock by more
 
@@ -76,8 +88,8 @@ class StreamProcessor:
         watermark = self.watermark(now)
         for det in self.detectors:
             out.extend(det.process(records, watermark))
-        for a in out:  # nothing leaves detection with a raw user id
-            a.entity = public_entity(a.entity, self.settings)
+        for a in out:  # nothing leaves detection with a raw user or device id
+            publish(a, self.settings)
         return out
 
     def watermark(self, now: Optional[float] = None) -> Optional[int]:
@@ -95,7 +107,7 @@ class StreamProcessor:
             if flush is not None:
                 out.extend(flush())
         for a in out:
-            a.entity = public_entity(a.entity, self.settings)
+            publish(a, self.settings)
         return out
 
     @property

@@ -98,3 +98,18 @@ def test_offline_alerts_match_the_alert_schema(offline_run):
     schema = json.loads((SCHEMA_DIR / "alert.schema.json").read_text())
     for a in offline_run[2].alerts:
         jsonschema.validate(orjson.loads(orjson.dumps(a)), schema)
+
+
+def test_offline_the_fraud_farm_is_one_incident_listing_its_accounts(offline_run):
+    settings, sim, pipe = offline_run
+    from soundcheck.alerting import public_entity
+
+    farm = next(s for s in sim.scenarios if s.name == "fraud_farm")
+    accounts = {public_entity({"user_id": a}, settings)["user_id"] for a in farm.details["accounts"]}
+    fraud = [a for a in pipe.alerts if a["kind"] == "streaming_fraud" and a["status"] == "firing"]
+    assert fraud and {a["entity"]["user_id"] for a in fraud} <= accounts
+    assert len({a["incident_id"] for a in fraud}) == 1
+    last = max(fraud, key=lambda a: a["emitted_at"])
+    assert len(last["related"]) + 1 >= len({a["entity"]["user_id"] for a in fraud})
+    assert any("royalty" in r for r in last["recommendations"])  # the runbook of the root cause
+    assert not any("farmdev" in str(a) for a in pipe.alerts)  # device ids leave only as pseudonyms

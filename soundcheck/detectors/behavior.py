@@ -255,7 +255,6 @@ class FraudDetector:
         for s in signals:
             s.since = since
         country = next(iter(u.countries), "unknown")  # the first country seen: a stable home
-        top = max(u.artists, key=lambda a: u.artists[a][0]) if u.artists else None
         return Anomaly(
             kind="streaming_fraud",
             detector=self.name,
@@ -275,7 +274,10 @@ class FraudDetector:
                 "countries": sorted(u.countries),
                 "top_artists": sorted(u.artists, key=lambda a: u.artists[a][0], reverse=True)[:3],
                 "user_segment": u.segment,
+                "links": [f"artist:{a}" for a in sorted(u.artists, key=lambda a: u.artists[a][0], reverse=True)[:3]]
+                + [f"device:{d}" for d in sorted(u.devices)[:8]] + [f"country:{c}" for c in sorted(u.countries)],
             },
-            # accounts pushing the same artist are correlated together, whatever their countries
-            scope=f"fraud:{top}" if top else f"fraud:{country}",
+            # all fraud findings share one scope (they are few); within it, accounts that share an
+            # artist, a device or a country are one farm (see alerting.correlate_step)
+            scope="fraud",
         )
