@@ -135,20 +135,24 @@ def make_baseline(settings: Any, directions: Mapping[str, str], limits: Mapping)
         min_relative_change=d["min_relative_change"],
         directions=directions,
         limits=limits,
-        min_change=_MinChange(settings),
+        min_change=MetricSpecs(settings, "min_change", 0.0),
     )
 
 
-class _MinChange(dict):
-    """Each metric's minimum absolute change (``metrics.<name>.min_change``), looked up lazily."""
+class MetricSpecs(dict):
+    """One field of each metric's spec (``metrics.<name>.<field>`` in config), looked up the
+    first time a metric name is seen: ``MetricSpecs(settings, "direction")["latency_ms"]``.
+    Works for metric names only known at run time (a service's own metrics)."""
 
-    def __init__(self, settings: Any) -> None:
+    def __init__(self, settings: Any, spec_field: str, default: Any = None) -> None:
         super().__init__()
         self._settings = settings
+        self._field = spec_field
+        self._default = default
 
-    def get(self, name: str, default: float = 0.0) -> float:  # type: ignore[override]
+    def get(self, name: str, default: Any = None) -> Any:  # type: ignore[override]
         if name not in self:
-            self[name] = float(self._settings.metric_spec(name).get("min_change", 0.0))
+            self[name] = self._settings.metric_spec(name).get(self._field, self._default)
         return dict.get(self, name, default)
 
 

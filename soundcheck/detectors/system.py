@@ -20,7 +20,7 @@ import numpy as np
 
 from ..contracts import SystemPerformanceSample
 from ..settings import Settings
-from .base import Finding, WindowedDetector, make_baseline
+from .base import Finding, MetricSpecs, WindowedDetector, make_baseline
 from .baseline import RobustBaseline, Signal
 from .forecast import SloForecaster
 from .series import SeriesDetector
@@ -57,7 +57,7 @@ class SystemMetricsDetector(WindowedDetector):
         super().__init__(settings, source_topic)
 
     def new_state(self) -> "_ServiceState":
-        return _ServiceState(make_baseline(self.settings, _Directions(self.settings), self.ceilings))
+        return _ServiceState(make_baseline(self.settings, MetricSpecs(self.settings, "direction", "both"), self.ceilings))
 
     def _column(self, name: str) -> int | None:
         col = self.columns.get(name)
@@ -166,16 +166,3 @@ class _ServiceState:
     forecasters: dict[str, SloForecaster] = field(default_factory=dict)
     series: dict[str, SeriesDetector] = field(default_factory=dict)
     seen: dict[str, int] = field(default_factory=dict)
-
-
-class _Directions(dict):
-    """Each metric's bad direction from the settings, looked up the first time a name is seen."""
-
-    def __init__(self, settings: Settings) -> None:
-        super().__init__()
-        self._settings = settings
-
-    def get(self, name: str, default: str | None = None) -> str:  # type: ignore[override]
-        if name not in self:
-            self[name] = self._settings.metric_spec(name)["direction"]
-        return dict.get(self, name, default)
