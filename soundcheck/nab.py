@@ -128,15 +128,19 @@ def read_scores(path: str | Path) -> tuple[list[str], np.ndarray]:
     return ts, np.asarray(scores, dtype=float)
 
 
+def _read_json(path: Path, what: str) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise NabError(f"{path}: no such {what} file") from None
+    except json.JSONDecodeError as exc:
+        raise NabError(f"{path}:{exc.lineno}: not valid JSON: {exc.msg}") from None
+
+
 def load_windows(path: str | Path) -> dict[str, list[tuple[str, str]]]:
     """NAB labels (``combined_windows.json``): ``{"category/name.csv": [(start, end), ...]}``."""
     path = Path(path)
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise NabError(f"{path}: no such labels file") from None
-    except json.JSONDecodeError as exc:
-        raise NabError(f"{path}:{exc.lineno}: not valid JSON: {exc.msg}") from None
+    raw = _read_json(path, "labels")
     if not isinstance(raw, dict):
         raise NabError(f"{path}: expected an object of 'category/name.csv': [[start, end], ...]")
     out: dict[str, list[tuple[str, str]]] = {}
@@ -156,12 +160,7 @@ def load_profiles(path: str | Path | None = None) -> dict[str, dict[str, float]]
     if path is None:
         return {k: dict(v) for k, v in DEFAULT_PROFILES.items()}
     path = Path(path)
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise NabError(f"{path}: no such profiles file") from None
-    except json.JSONDecodeError as exc:
-        raise NabError(f"{path}:{exc.lineno}: not valid JSON: {exc.msg}") from None
+    raw = _read_json(path, "profiles")
     out = {}
     for name, prof in raw.items():
         cm = prof.get("CostMatrix", prof) if isinstance(prof, dict) else None
