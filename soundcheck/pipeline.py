@@ -1,27 +1,36 @@
-"""The worker's processing, free of Faust and Kafka: decode, detect, alert.
+"""The worker's processing, free of Faust and Kafka: decode, stage 1, stage 2, alert.
 
-The Faust agents are thin wiring around :class:`PartitionedProcessor` (one per input stream:
-a :class:`StreamProcessor` per input partition, so detector state can be snapshotted and moved
-with its partition) and :func:`soundcheck.alerting.alert_step`; :class:`OfflinePipeline` runs
-the very same code over a simulator run without a broker (tests, evaluation, benchmarks).
+* :class:`IngestStage` is stage 1 of one input stream over the input partitions a worker reads:
+  decode (:mod:`soundcheck.contracts`), partial aggregates (:mod:`soundcheck.ingest.partials`),
+  and the messages for the internal topics: partials keyed by entity for the aggregates topic,
+  behaviour rows keyed by pseudonymised user for the fraud topic, each with the partition's
+  progress (:class:`AggregatesMessage`).
+* :class:`~soundcheck.detectors.stage2.Stage2` / :class:`~soundcheck.detectors.stage2.FraudStage`
+  merge those per entity and detect.
+* :class:`OfflinePipeline` runs the very same code over a simulator run without a broker, with
+  any number of simulated input partitions and any producer keying (tests, evaluation).
 """
 
 from __future__ import annotations
 
+import random
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, Sequence
+
+import numpy as np
+import orjson
 
 from .alert_engine import AlertEngine
 from .alerting import ServiceGraph, pseudonymize, public_entity
 from .contracts import Contract, Rejection, load_contracts
 from .detectors.base import Anomaly
-from .detectors.behavior import BehaviorRateDetector, FraudDetector
-from .detectors.quality import AudioQualityDetector
-from .detectors.system import SystemMetricsDetector
+from .detectors.stage2 import STREAMS, FraudStage, Stage2
+from .ingest.partials import Partial, PartitionAggregator, Pseudonyms, fraud_rows, stable_partition
 from .settings import Settings
 
-STREAMS = ("audio", "behavior", "system")
+PROGRESS_SKEW_MS = 5_000  # a partition's event-time progress never runs ahead of the wall clock by more
+KEYINGS = ("natural", "user", "random")
 
 
 def publish(anomaly: Anomaly, settings: Settings) -> None:
@@ -34,220 +43,218 @@ def publish(anomaly: Anomaly, settings: Settings) -> None:
         anomaly.details["links"] = [
             f"device:{pseudonymize(x[7:], key)}" if x.startswith("device:") else x for x in links
         ]
-IDLE_PARTITION_S = 10.0  # a partition without records for this long stops holding the watermark back
-PROGRESS_SKEW_MS = 5_000  # a partition's event-time progress never runs ahead of the wall clock by more
 
 
-def make_detectors(settings: Settings, stream: str) -> list[Any]:
-    topic = settings.topics.inputs()[stream]
-    if stream == "audio":
-        return [AudioQualityDetector(settings, topic)]
-    if stream == "behavior":
-        return [BehaviorRateDetector(settings, topic), FraudDetector(settings, topic)]
-    if stream == "system":
-        return [SystemMetricsDetector(settings, topic)]
-    raise ValueError(f"unknown stream {stream!r}; expected one of {STREAMS}")
+def entity_key(p: Partial) -> str:
+    """The aggregates topic's key of a partial: its detector and entity."""
+    key = p.key if isinstance(p.key, tuple) else (p.key,)
+    return "|".join((p.detector, *map(str, key)))
 
 
-@dataclass
-class StreamProcessor:
-    """Decode and detect for one input stream (named ``stream``); keeps its detectors' state."""
+@dataclass(slots=True)
+class AggregatesMessage:
+    """What stage 1 of one input partition sends to one partition of an internal topic."""
 
-    stream: str
-    settings: Settings
-    contract: Contract
-    detectors: list[Any] = field(default_factory=list)
-    _progress: dict[int, tuple[int, float]] = field(default_factory=dict, repr=False)  # partition -> (max ts, wall)
+    topic: str  # "aggregates" or "fraud"
+    partition: int  # of that internal topic
+    value: bytes
 
-    @classmethod
-    def create(cls, settings: Settings, stream: str, contracts: Optional[dict[str, Contract]] = None) -> "StreamProcessor":
-        contracts = contracts or load_contracts()
-        return cls(stream, settings, contracts[stream], make_detectors(settings, stream))
+
+def encode_partials(stream: str, source: int, closed_until: int, partials: Sequence[Partial]) -> bytes:
+    return orjson.dumps({"stream": stream, "source": source, "closed_until": closed_until,
+                         "partials": [p.to_wire() for p in partials]}, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def encode_rows(source: int, closed_until: int, rows: Sequence[Sequence[Any]]) -> bytes:
+    return orjson.dumps({"stream": "fraud", "source": source, "closed_until": closed_until, "rows": rows})
+
+
+def decode_internal(value: bytes) -> dict[str, Any]:
+    """An aggregates or fraud message (see schemas/aggregates.schema.json)."""
+    doc = orjson.loads(value)
+    if not isinstance(doc, dict) or doc.get("stream") not in (*STREAMS, "fraud") or not isinstance(doc.get("source"), int):
+        raise ValueError("not an aggregates message: needs 'stream' (audio, behavior, system, fraud) and an integer 'source'")
+    if doc["stream"] != "fraud":
+        doc["partials"] = [Partial.from_wire(r) for r in doc.get("partials", [])]
+    return doc
+
+
+class IngestStage:
+    """Stage 1 of one input stream over the input partitions this worker reads.
+
+    ``aggregates_partitions`` / ``fraud_partitions``: the partition counts of the internal topics.
+    Every call returns the :class:`AggregatesMessage` list to send; a partition whose window
+    closed sends one message to *every* aggregates partition (its partials for that partition,
+    possibly none, and its progress), so each stage-2 instance hears every input partition's progress.
+    """
+
+    def __init__(self, settings: Settings, stream: str, contract: Optional[Contract] = None,
+                 aggregates_partitions: int = 1, fraud_partitions: int = 1) -> None:
+        self.settings = settings
+        self.stream = stream
+        self.contract = contract or load_contracts()[stream]
+        self.aggregates_partitions = aggregates_partitions
+        self.fraud_partitions = fraud_partitions
+        self.parts: dict[int, PartitionAggregator] = {}
+        self.sent_progress: dict[int, int] = {}
+        self.pseudonyms = Pseudonyms(settings.pseudonym_key, bool(settings.privacy.get("pseudonymize_user_ids", True)))
+        self.devices = Pseudonyms(settings.pseudonym_key, True)
+        self.max_future_ms = int(settings.worker.max_future_skew_s * 1000)
 
     def decode(self, value: Optional[bytes], now_ms: Optional[int] = None) -> tuple[list[Any], list[Rejection]]:
         now_ms = int(time.time() * 1000) if now_ms is None else now_ms
-        return self.contract.decode(value, now_ms=now_ms, max_future_ms=int(self.settings.worker.max_future_skew_s * 1000))
+        return self.contract.decode(value, now_ms=now_ms, max_future_ms=self.max_future_ms)
 
-    def detect(self, records: list[Any], progress: Optional[dict[int, int]] = None, now: Optional[float] = None) -> list[Anomaly]:
-        """Run the detectors over a batch.
+    def get(self, partition: int, closed_until: int = -(2**62)) -> PartitionAggregator:
+        pa = self.parts.get(partition)
+        if pa is None:
+            pa = self.parts[partition] = PartitionAggregator(self.settings, self.stream, partition, closed_until)
+        return pa
 
-        ``progress`` maps each partition in the batch to the highest event time it carried. The
-        watermark is the slowest active partition's progress (partitions quiet for
-        ``IDLE_PARTITION_S`` of wall time do not hold it back), so a partition read ahead of the
-        others never closes their windows early.
-        """
-        if progress:
-            now = time.time() if now is None else now
-            # a record from the (allowed) near future must not close everybody's windows early
-            horizon = int(now * 1000) + PROGRESS_SKEW_MS
-            for part, ts in progress.items():
-                ts = min(ts, horizon)
-                seen = self._progress.get(part, (-(2**62), 0.0))[0]
-                self._progress[part] = (max(seen, ts), now)
-        out: list[Anomaly] = []
-        watermark = self.watermark(now)
-        for det in self.detectors:
-            out.extend(det.process(records, watermark))
+    def drop(self, partition: int) -> None:
+        self.parts.pop(partition, None)
+        self.sent_progress.pop(partition, None)
+
+    def process(self, partition: int, records: Sequence[Any], offsets: Optional[np.ndarray] = None,
+                now: Optional[float] = None) -> list[AggregatesMessage]:
+        """Add one partition's decoded records; return what is to be sent."""
+        pa = self.get(partition)
+        out: list[AggregatesMessage] = []
+        if records and self.stream == "behavior":
+            rows = fraud_rows(records, pa.closed_until, pa.size_ms, self.pseudonyms, self.fraud_partitions, self.devices)
+            out.extend(AggregatesMessage("fraud", part, encode_rows(partition, pa.closed_until, r)) for part, r in sorted(rows.items()))
+        pa.add(records, offsets)
+        now = time.time() if now is None else now
+        horizon = int(now * 1000) + PROGRESS_SKEW_MS - pa.lateness_ms  # one record from the near future cannot close everything
+        out.extend(self._close(partition, pa.advance(min(pa.watermark(), horizon))))
+        return out
+
+    def idle(self, partitions: Iterable[int]) -> list[AggregatesMessage]:
+        """These partitions are caught up (nothing more to read): they move on with the slowest of
+        the busy ones of this worker, so they do not hold stage 2 back."""
+        idle = [p for p in partitions if p in self.parts]
+        busy = [pa.closed_until for p, pa in self.parts.items() if p not in idle and pa.closed_until > -(2**61)]
+        if not busy or not idle:
+            return []
+        target = min(busy)
+        out: list[AggregatesMessage] = []
+        for p in idle:
+            if self.parts[p].closed_until < target:
+                out.extend(self._close(p, self.parts[p].advance(target)))
+        return out
+
+    def flush(self) -> list[AggregatesMessage]:
+        """The stream went quiet: close every open window of every partition."""
+        out: list[AggregatesMessage] = []
+        top = max((pa.max_ts for pa in self.parts.values()), default=-(2**62))
+        for p, pa in sorted(self.parts.items()):
+            closes = pa.flush()
+            if top > -(2**61):
+                closes += pa.advance(top - top % pa.size_ms + pa.size_ms)
+            out.extend(self._close(p, closes))
+        return out
+
+    def _close(self, partition: int, partials: list[Partial]) -> list[AggregatesMessage]:
+        pa = self.parts[partition]
+        if pa.closed_until <= self.sent_progress.get(partition, -(2**62)) and not partials:
+            return []
+        self.sent_progress[partition] = pa.closed_until
+        by_part: dict[int, list[Partial]] = {i: [] for i in range(self.aggregates_partitions)}
+        for p in partials:
+            by_part[stable_partition(entity_key(p), self.aggregates_partitions)].append(p)
+        out = [AggregatesMessage("aggregates", i, encode_partials(self.stream, partition, pa.closed_until, ps))
+               for i, ps in by_part.items()]
+        if self.stream == "behavior":  # the fraud stage needs the progress too
+            out.extend(AggregatesMessage("fraud", i, encode_rows(partition, pa.closed_until, []))
+                       for i in range(self.fraud_partitions))
+        return out
+
+    def committable(self, partition: int, next_offset: int) -> int:
+        pa = self.parts.get(partition)
+        return next_offset if pa is None else pa.committable(next_offset)
+
+    @property
+    def late_events(self) -> int:
+        return sum(pa.late_events for pa in self.parts.values())
+
+    @property
+    def open_windows(self) -> int:
+        return sum(pa.open_count for pa in self.parts.values())
+
+
+@dataclass
+class DetectStage:
+    """Stage 2 of every stream, for one partition of the aggregates and fraud topics."""
+
+    settings: Settings
+    stages: dict[str, Stage2] = field(default_factory=dict)
+    fraud: Optional[FraudStage] = None
+    idle_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        for s in STREAMS:
+            self.stages.setdefault(s, Stage2(self.settings, s, self.idle_s))
+        if self.fraud is None:
+            self.fraud = FraudStage(self.settings, self.idle_s)
+
+    def on_message(self, doc: dict[str, Any], now: Optional[float] = None) -> list[Anomaly]:
+        if doc["stream"] == "fraud":
+            return self.fraud.add(doc["source"], doc.get("rows", []), doc.get("closed_until"), now)
+        out = self.stages[doc["stream"]].add(doc["source"], doc["partials"], doc.get("closed_until"), now)
         for a in out:  # nothing leaves detection with a raw user or device id
             publish(a, self.settings)
         return out
 
-    def watermark(self, now: Optional[float] = None) -> Optional[int]:
-        if not self._progress:
-            return None
-        now = time.time() if now is None else now
-        active = [ts for ts, wall in self._progress.values() if now - wall < IDLE_PARTITION_S]
-        return min(active) if active else max(ts for ts, _ in self._progress.values())
-
-    def flush(self) -> list[Anomaly]:
-        """Close every open window now (the stream went quiet) and return what they found."""
+    def advance(self, now: Optional[float] = None) -> list[Anomaly]:
         out: list[Anomaly] = []
-        for det in self.detectors:
-            flush = getattr(det, "flush", None)
-            if flush is not None:
-                out.extend(flush())
-        for a in out:
-            publish(a, self.settings)
-        return out
-
-    @property
-    def open_windows(self) -> int:
-        return sum(d.windows.open_count for d in self.detectors if hasattr(d, "windows"))
-
-    @property
-    def late_events(self) -> int:
-        return sum(getattr(getattr(d, "windows", None), "late_events", 0) for d in self.detectors)
-
-
-@dataclass
-class PartitionedProcessor:
-    """Detector state per (stream, input partition): one :class:`StreamProcessor` per partition,
-    created when the partition's first records arrive (or restored from a snapshot).
-
-    Each partition's watermark is its own event-time progress (still capped at the wall clock
-    plus ``PROGRESS_SKEW_MS``). Alongside, per partition: the last input offset whose records
-    are in the state (records at or below it are skipped after a restore), and whether the
-    state changed since its last snapshot.
-
-    >>> from soundcheck.settings import load_settings
-    >>> pp = PartitionedProcessor.create(load_settings(environ={}), "audio")
-    >>> pp.detect(2, [], None, offset=10, now=0.0), pp.seen(2, 10), pp.seen(2, 11), sorted(pp.dirty)
-    ([], True, False, [2])
-    """
-
-    stream: str
-    settings: Settings
-    contracts: dict[str, Contract]
-    partitions: dict[int, StreamProcessor] = field(default_factory=dict)
-    offsets: dict[int, int] = field(default_factory=dict)  # partition -> last input offset in the state
-    dirty: set[int] = field(default_factory=set)  # partitions changed since their last snapshot
-    late_events: int = 0  # late records counted by this process (monotonic, whatever is restored or dropped)
-    detector_names: tuple[str, ...] = ()
-
-    @classmethod
-    def create(cls, settings: Settings, stream: str, contracts: Optional[dict[str, Contract]] = None) -> "PartitionedProcessor":
-        names = tuple(d.name for d in make_detectors(settings, stream))
-        return cls(stream, settings, contracts or load_contracts(), detector_names=names)
-
-    @property
-    def contract(self) -> Contract:
-        return self.contracts[self.stream]
-
-    def decode(self, value: Optional[bytes], now_ms: Optional[int] = None) -> tuple[list[Any], list[Rejection]]:
-        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
-        return self.contract.decode(value, now_ms=now_ms, max_future_ms=int(self.settings.worker.max_future_skew_s * 1000))
-
-    def new_processor(self) -> StreamProcessor:
-        """A fresh processor for one partition. The per-entity bounds of the settings
-        (``max_entities``, ``fraud.max_users``) are per worker: each partition gets its share
-        (entities are spread over the partitions by key), so a worker holding every partition
-        keeps the same bound as before."""
-        proc = StreamProcessor.create(self.settings, self.stream, self.contracts)
-        share = max(1, int(self.settings.kafka.partitions))
-        for det in proc.detectors:
-            for attr in ("entities", "users"):
-                store = getattr(det, attr, None)
-                if store is not None:
-                    store.max_entries = max(1, -(-store.max_entries // share))
-        return proc
-
-    def get(self, partition: int) -> StreamProcessor:
-        proc = self.partitions.get(partition)
-        if proc is None:
-            proc = self.partitions[partition] = self.new_processor()
-        return proc
-
-    def seen(self, partition: int, offset: int) -> bool:
-        """Whether the record at ``offset`` is already in the partition's state (a restore re-reads some)."""
-        return offset <= self.offsets.get(partition, -1)
-
-    def detect(self, partition: int, records: list[Any], top_ts: Optional[int], offset: Optional[int] = None,
-               now: Optional[float] = None) -> list[Anomaly]:
-        """Run one partition's detectors over its part of a batch (``top_ts``: its highest event time)."""
-        proc = self.get(partition)
-        late = proc.late_events
-        out = proc.detect(records, {partition: top_ts} if records and top_ts is not None else None, now)
-        self.late_events += proc.late_events - late
-        if offset is not None and offset > self.offsets.get(partition, -1):
-            self.offsets[partition] = offset
-        self.dirty.add(partition)
-        return out
+        for st in self.stages.values():
+            found = st.advance(now)
+            for a in found:
+                publish(a, self.settings)
+            out += found
+        return out + self.fraud.advance(now)
 
     def flush(self) -> list[Anomaly]:
         out: list[Anomaly] = []
-        for part, proc in self.partitions.items():
-            if proc.open_windows:
-                self.dirty.add(part)
-            out.extend(proc.flush())
-        return out
+        for st in self.stages.values():
+            found = st.flush()
+            for a in found:
+                publish(a, self.settings)
+            out += found
+        return out + self.fraud.flush()
 
-    def load(self, partition: int, proc: StreamProcessor, last_offset: int) -> None:
-        """Install a restored processor for ``partition``."""
-        self.partitions[partition] = proc
-        self.offsets[partition] = last_offset
-        self.dirty.discard(partition)
+    def event_time(self, stream: str, now: Optional[float] = None) -> Optional[int]:
+        return self.stages[stream].event_time(now) if stream in self.stages else self.fraud.progress.watermark(now)
 
-    def drop(self, partition: int) -> None:
-        """Forget a revoked partition's state."""
-        self.partitions.pop(partition, None)
-        self.offsets.pop(partition, None)
-        self.dirty.discard(partition)
 
-    def event_time(self, now: Optional[float] = None, idle_s: float = 60.0) -> Optional[int]:
-        """The stream's event-time progress for the alerting clock: the slowest partition that
-        had records within ``idle_s`` of wall time (a longer horizon than the windows' idle
-        timeout: a partition starved while a backlog is read must not let the clock run ahead)."""
-        now = time.time() if now is None else now
-        marks = [ts for proc in self.partitions.values() for ts, wall in proc._progress.values() if now - wall < idle_s]
-        return min(marks) if marks else None
-
-    def last_event_time(self, partition: int) -> Optional[int]:
-        proc = self.partitions.get(partition)
-        return proc.watermark() if proc is not None else None
-
-    def tracked(self) -> dict[str, int]:
-        """Entities with detector state, summed over partitions, by detector name."""
-        out = dict.fromkeys(self.detector_names, 0)
-        for proc in self.partitions.values():
-            for det in proc.detectors:
-                n = len(getattr(det, "entities", getattr(det, "users", ())))
-                out[det.name] = out.get(det.name, 0) + n
-        return out
-
-    @property
-    def open_windows(self) -> int:
-        return sum(p.open_windows for p in self.partitions.values())
+def route_key(stream: str, record: dict[str, Any], batch_key: str, keying: str) -> Optional[str]:
+    """The Kafka key a producer keying by ``keying`` gives a record (None: no key, random partition)."""
+    if keying == "natural":
+        return batch_key
+    if keying == "user":
+        if not isinstance(record, dict):
+            return batch_key
+        return record.get("user_id") or record.get("service") or batch_key
+    return None
 
 
 @dataclass
 class OfflinePipeline:
-    """The whole worker in one process: dicts for the Faust tables, ticks from the fed records.
+    """The whole worker in one process: stage 1 per simulated input partition, stage 2 per
+    simulated aggregates partition, dicts for the Faust tables, ticks from the progress.
 
+    ``partitions``: input partitions per topic; ``keying``: how producers key (``natural``: the
+    simulator's region / user / service, ``user``: by user id, ``random``: no key);
+    ``per_message``: records per Kafka message (1: single-record messages).
     ``alerts`` collects every notification in the order the worker would send them.
     """
 
     settings: Settings
-    processors: dict[str, StreamProcessor] = field(default_factory=dict)
+    partitions: int = 1
+    keying: str = "natural"
+    per_message: int = 50
+    aggregates_partitions: int = 1
+    seed: int = 0
     dedup: dict[str, dict] = field(default_factory=dict)
     scopes: dict[str, dict] = field(default_factory=dict)
     control: dict[str, dict] = field(default_factory=dict)
@@ -257,29 +264,90 @@ class OfflinePipeline:
     events_in: dict[str, int] = field(default_factory=lambda: {s: 0 for s in STREAMS})
 
     def __post_init__(self) -> None:
+        if self.keying not in KEYINGS:
+            raise ValueError(f"keying {self.keying!r}: expected one of {KEYINGS}")
         contracts = load_contracts()
         self.graph = ServiceGraph(self.settings.services)
         self.engine = AlertEngine(self.settings, self.graph, self.dedup, self.scopes, self.control)
-        self._progress: dict[str, int] = {}
+        self.ingest = {s: IngestStage(self.settings, s, contracts[s], self.aggregates_partitions, self.aggregates_partitions)
+                       for s in STREAMS}
+        self.detect = [DetectStage(self.settings, idle_s=float("inf")) for _ in range(self.aggregates_partitions)]
+        self.queues: dict[tuple[str, int], list[bytes]] = {}
+        self.offsets: dict[tuple[str, int], int] = {}
+        self.rng = random.Random(self.seed)
         self._tick = 0
-        for s in STREAMS:
-            self.processors.setdefault(s, StreamProcessor.create(self.settings, s, contracts))
+        self.now_ms: Optional[int] = None
 
-    def feed(self, stream: str, values: Iterable[bytes], now_ms: Optional[int] = None) -> list[dict]:
-        proc = self.processors[stream]
-        records: list[Any] = []
-        for v in values:
-            recs, bad = proc.decode(v, now_ms)
-            records.extend(recs)
-            self.rejections.extend((stream, r) for r in bad)
-        self.events_in[stream] += len(records)
-        new: list[dict] = []
-        for a in proc.detect(records):
-            new += self.alert(a)
-        if records:
-            self._progress[stream] = max(self._progress.get(stream, 0), max(r.ts for r in records))
-            new += self.tick(min(self._progress.values()))
-        return new
+    # -- producing --------------------------------------------------------------------------
+
+    def produce(self, stream: str, batch_key: str, records: Sequence[Any]) -> None:
+        """Route records to input partitions as producers keying by ``keying`` would, and encode
+        them into messages of ``per_message`` records (raw bytes: a malformed message, alone)."""
+        groups: dict[int, list] = {}
+        for r in records:
+            if isinstance(r, (bytes, bytearray)):
+                self._enqueue(stream, self._partition(batch_key), [bytes(r)])
+                continue
+            groups.setdefault(self._partition(route_key(stream, r, batch_key, self.keying)), []).append(r)
+        for part, recs in groups.items():
+            n = self.per_message
+            values = [orjson.dumps(r) for r in recs] if n <= 1 else [orjson.dumps(recs[i:i + n]) for i in range(0, len(recs), n)]
+            self._enqueue(stream, part, values)
+
+    def _partition(self, key: Optional[str]) -> int:
+        if self.partitions == 1:
+            return 0
+        if key is None:
+            return self.rng.randrange(self.partitions)
+        return stable_partition(key, self.partitions)
+
+    def _enqueue(self, stream: str, part: int, values: list[bytes]) -> None:
+        self.queues.setdefault((stream, part), []).extend(values)
+
+    def feed(self, stream: str, values: Iterable[bytes], now_ms: Optional[int] = None, partition: int = 0) -> list[dict]:
+        """Messages already encoded, to one partition; processed at once."""
+        self._enqueue(stream, partition, list(values))
+        return self.poll(now_ms)
+
+    # -- consuming --------------------------------------------------------------------------
+
+    def poll(self, now_ms: Optional[int] = None) -> list[dict]:
+        """Every input partition reads what is queued for it (one batch each); caught-up
+        partitions are idle; stage 2 and alerting run on what stage 1 sent."""
+        now_ms = self.now_ms if now_ms is None else now_ms
+        now = None if now_ms is None else now_ms / 1000
+        out: list[dict] = []
+        for stream in STREAMS:
+            ing = self.ingest[stream]
+            msgs: list[AggregatesMessage] = []
+            busy = set()
+            for (s, part), values in sorted(self.queues.items()):
+                if s != stream or not values:
+                    continue
+                busy.add(part)
+                records: list[Any] = []
+                offs: list[int] = []
+                base = self.offsets.get((s, part), 0)
+                for i, v in enumerate(values):
+                    recs, bad = ing.decode(v, now_ms)
+                    records.extend(recs)
+                    offs.extend([base + i] * len(recs))
+                    self.rejections.extend((stream, r) for r in bad)
+                self.offsets[(s, part)] = base + len(values)
+                values.clear()
+                self.events_in[stream] += len(records)
+                msgs += ing.process(part, records, np.array(offs, dtype=np.int64), now=now if now is not None else float("inf"))
+            msgs += ing.idle([p for p in ing.parts if p not in busy])
+            out += self.deliver(msgs, now)
+        out += self.tick()
+        return out
+
+    def deliver(self, msgs: Sequence[AggregatesMessage], now: Optional[float] = None) -> list[dict]:
+        out: list[dict] = []
+        for m in msgs:
+            for a in self.detect[m.partition].on_message(decode_internal(m.value), now=0.0):
+                out += self.alert(a)
+        return out
 
     def alert(self, anomaly: Anomaly) -> list[dict]:
         self.anomalies.append(anomaly)
@@ -287,8 +355,16 @@ class OfflinePipeline:
         self.alerts.extend(out)
         return out
 
-    def tick(self, event_time: int) -> list[dict]:
+    def event_time(self) -> Optional[int]:
+        marks = [d.event_time(s, 0.0) for d in self.detect for s in STREAMS]
+        marks = [m for m in marks if m is not None]
+        return min(marks) if marks else None
+
+    def tick(self, event_time: Optional[int] = None) -> list[dict]:
         """Event time reached ``event_time`` everywhere: let every scope resolve and send what is due."""
+        event_time = self.event_time() if event_time is None else event_time
+        if event_time is None:
+            return []
         step = self.settings.windows.aggregate_s * 1000
         t = event_time - event_time % step
         if t <= self._tick:
@@ -304,12 +380,28 @@ class OfflinePipeline:
         """The end of a replay: close the open windows, then let ``quiet_s`` of quiet event time
         pass (default: long enough for every group to be sent and every alert to resolve)."""
         w = self.settings.windows
-        out: list[dict] = []
-        for proc in self.processors.values():
-            for a in proc.flush():
+        out = self.poll()
+        for stream in STREAMS:
+            out += self.deliver(self.ingest[stream].flush())
+        for d in self.detect:
+            for a in d.flush():
                 out += self.alert(a)
         quiet = (quiet_s if quiet_s is not None else w.resolve_after_s + w.group_wait_s + 2 * w.aggregate_s) * 1000
-        start = max(self._progress.values(), default=0)
+        start = max((pa.max_ts for ing in self.ingest.values() for pa in ing.parts.values()), default=0)
         for t in range(start, start + quiet + 1, w.aggregate_s * 1000):
             out += self.tick(t)
         return out
+
+
+def run_simulation(settings: Settings, sim: Any, *, partitions: int = 1, keying: str = "natural", per_message: int = 50,
+                   aggregates_partitions: int = 1, seed: int = 0, now_ms: Optional[int] = None) -> OfflinePipeline:
+    """Every second of ``sim`` produced, then read by every partition; then the end of the replay."""
+    pipe = OfflinePipeline(settings, partitions=partitions, keying=keying, per_message=per_message,
+                           aggregates_partitions=aggregates_partitions, seed=seed)
+    pipe.now_ms = now_ms if now_ms is not None else sim.start_ms + sim.duration_s * 1000 + 60_000
+    for sec in range(sim.duration_s):
+        for b in sim.tick(sim.start_ms + sec * 1000):
+            pipe.produce(b.stream, b.key, b.records)
+        pipe.poll()
+    pipe.finish()
+    return pipe

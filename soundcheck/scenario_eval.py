@@ -26,7 +26,7 @@ from typing import Any, Iterable, Mapping, Optional
 import orjson
 
 from .evaluation import alerting_quality, evaluate
-from .pipeline import OfflinePipeline
+from .pipeline import OfflinePipeline, run_simulation
 from .settings import Settings, load_settings
 from .simulator import Simulator, encode
 
@@ -35,14 +35,9 @@ GOALS = {"recall": 0.95, "precision": 0.9, "median_delay_s": 30.0, "benign_pages
 START_MS = 1_700_000_000_000
 
 
-def run_offline(settings: Settings, sim: Simulator, batch: int = 50) -> OfflinePipeline:
-    """Feed every tick of ``sim`` through the offline pipeline, then flush the open windows."""
-    pipe = OfflinePipeline(settings)
-    now = sim.start_ms + sim.duration_s * 1000 + 60_000  # the wall clock: just after the run
-    for b in sim.ticks():
-        pipe.feed(b.stream, encode(b, batch), now_ms=now)
-    pipe.finish()
-    return pipe
+def run_offline(settings: Settings, sim: Simulator, batch: int = 50, partitions: int = 1, keying: str = "natural") -> OfflinePipeline:
+    """Feed every second of ``sim`` through the offline pipeline, then flush the open windows."""
+    return run_simulation(settings, sim, partitions=partitions, keying=keying, per_message=batch)
 
 
 def score_run(alerts: list[dict[str, Any]], truth: Mapping[str, Any], settings: Settings) -> dict[str, Any]:

@@ -157,15 +157,18 @@ class MetricSpecs(dict):
 
 
 class WindowedDetector:
-    """Shared shape of the windowed detectors: add a batch to event-time windows, and when
-    windows close, turn each into findings against its entity's baseline.
+    """Shared shape of the windowed detectors (stage 2): merge the partial aggregates of every
+    input partition into event-time windows, and when windows close, turn each into findings
+    against its entity's baseline.
 
-    Subclasses set ``name`` and ``n_features`` and implement :meth:`add` (batch → windows),
-    :meth:`new_state` (an entity's state, usually its baseline) and :meth:`findings` (closed
-    window → findings).
+    Subclasses set ``name``, ``stream`` and ``n_features`` and implement :meth:`new_state` (an
+    entity's state, usually its baseline) and :meth:`findings` (closed window -> findings).
+    :meth:`process` runs stage 1 and stage 2 in one object for a single partition (tests,
+    notebooks); the worker feeds :meth:`add_partial` and :meth:`evaluate` instead.
     """
 
     name = "windowed"
+    stream = ""
     n_features = 1
 
     def __init__(self, settings: Any, source_topic: str) -> None:
@@ -174,31 +177,46 @@ class WindowedDetector:
         self.settings = settings
         self.source_topic = source_topic
         self.z_threshold = float(cfg["z_threshold"])
-        self.windows = TumblingAggregator(w.aggregate_s * 1000, w.allowed_lateness_s * 1000, self.n_features)
+        self.windows = TumblingAggregator(w.aggregate_s * 1000, 0, self.n_features)
         self.entities: EntityStore[Any] = EntityStore(self.new_state, int(cfg["max_entities"]), w.entity_idle_s * 1000)
+        self._stage1: Any = None
 
     def new_state(self) -> Any:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def add(self, records: Sequence[Any]) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def findings(self, agg: WindowAggregate) -> list[Finding]:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def add_partial(self, p: Any) -> bool:
+        """Merge one input partition's :class:`~soundcheck.ingest.partials.Partial`."""
+        return self.windows.add_partial(p.key, p.start, p.count, p.sums, p.present, p.users)
+
     def process(self, records: Sequence[Any], event_time: Optional[int] = None) -> list[Anomaly]:
-        """Add a batch; return the anomalies of the windows that closed (watermark ``event_time``)."""
-        if records:
-            self.add(records)
-        return self._evaluate(event_time)
+        """Stage 1 and 2 over one partition: add a batch; return the anomalies of the windows
+        that closed (watermark: ``event_time``, default the latest record, less the lateness)."""
+        from ..ingest.partials import PartitionAggregator
+
+        if self._stage1 is None:
+            self._stage1 = PartitionAggregator(self.settings, self.stream, 0)
+        s1 = self._stage1
+        s1.add(records)
+        wm = None if event_time is None else event_time - s1.lateness_ms
+        for p in s1.advance(wm):
+            self.add_partial(p)
+        return self.evaluate(s1.closed_until)
 
     def flush(self) -> list[Anomaly]:
-        """Close all open windows (the stream went quiet); later events for them count as late."""
-        self.windows.max_ts += self.windows.size_ms + self.windows.lateness_ms
-        return self._evaluate()
+        """Close all open windows (the stream went quiet); later partials for them count as late."""
+        if self._stage1 is not None:
+            for p in self._stage1.flush():
+                self.add_partial(p)
+        if not self.windows.open_count:
+            return []
+        return self.evaluate(max(a.end for a in self.windows._open.values()))
 
-    def _evaluate(self, event_time: Optional[int] = None) -> list[Anomaly]:
-        closed = self.windows.advance(event_time)
+    def evaluate(self, watermark: int) -> list[Anomaly]:
+        """The anomalies of the windows that end at or before ``watermark`` (which close)."""
+        closed = self.windows.advance(watermark)
         out = [
             Anomaly(
                 kind=f.kind,

@@ -17,18 +17,13 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ..contracts import UserBehaviorEvent
+from ..ingest.partials import EVENT_INDEX, EVENT_TYPES
 from ..settings import Settings
 from .base import Anomaly, EntityStore, Finding, WindowedDetector, make_baseline
 from .baseline import RobustBaseline, Signal
 from .windows import WindowAggregate
 
-EVENT_TYPES = (
-    "play_start", "play_complete", "skip", "search", "add_to_playlist", "login", "logout",
-    "payment_attempt", "payment_success", "payment_failure", "subscription_upgrade",
-    "subscription_cancel", "app_crash", "ad_impression", "ad_failure",
-)
-_INDEX = {t: i for i, t in enumerate(EVENT_TYPES)}
+_INDEX = EVENT_INDEX
 
 # rate name -> (numerator event types, denominator event types)
 RATES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -51,6 +46,7 @@ class BehaviorRateDetector(WindowedDetector):
     """Population rates per region against learned baselines and floors."""
 
     name = "behavior.rates"
+    stream = "behavior"
     n_features = len(EVENT_TYPES)
 
     def __init__(self, settings: Settings, source_topic: str = "user_behavior_events") -> None:
@@ -67,13 +63,6 @@ class BehaviorRateDetector(WindowedDetector):
 
     def new_state(self) -> "_RegionRates":
         return _RegionRates(make_baseline(self.settings, self.directions, self.limits), deque(maxlen=self.rate_windows))
-
-    def add(self, records: Sequence[UserBehaviorEvent]) -> None:
-        n = len(records)
-        ts = np.fromiter((r.ts for r in records), dtype=np.int64, count=n)
-        onehot = np.zeros((n, len(EVENT_TYPES)))
-        onehot[np.arange(n), [_INDEX[r.event_type] for r in records]] = 1.0
-        self.windows.add_batch([r.country for r in records], ts, onehot, [r.user_id for r in records])
 
     def findings(self, agg: WindowAggregate) -> list[Finding]:
         region = agg.key
@@ -159,7 +148,7 @@ class FraudDetector:
         self.users: EntityStore[UserActivity] = EntityStore(UserActivity, int(self.cfg["max_users"]), self.window_ms)
         self.now = 0
 
-    def process(self, records: Sequence[UserBehaviorEvent], event_time: int | None = None) -> list[Anomaly]:
+    def process(self, records: Sequence[Any], event_time: int | None = None) -> list[Anomaly]:
         """Count a batch; score the users it touched at ``event_time`` (the watermark; default:
         the latest record), so one early timestamp cannot age everybody's window."""
         if records:

@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Any
 
 import numpy as np
 
-from ..contracts import SystemPerformanceSample
 from ..settings import Settings
 from .base import Finding, MetricSpecs, WindowedDetector, make_baseline
 from .baseline import RobustBaseline, Signal
@@ -44,6 +43,7 @@ class SystemMetricsDetector(WindowedDetector):
     """Windowed per (service, region) detection over every metric a service reports."""
 
     name = "system.baseline"
+    stream = "system"
     n_features = MAX_METRICS
 
     def __init__(self, settings: Settings, source_topic: str = "system_performance_metrics") -> None:
@@ -68,16 +68,15 @@ class SystemMetricsDetector(WindowedDetector):
             col = self.columns[name] = len(self.columns)
         return col
 
-    def add(self, records: Sequence[SystemPerformanceSample]) -> None:
-        n = len(records)
-        values = np.full((n, MAX_METRICS), np.nan)
-        for i, r in enumerate(records):
-            for name, v in r.metrics.items():
-                col = self._column(name)
-                if col is not None:
-                    values[i, col] = v
-        ts = np.fromiter((r.ts for r in records), dtype=np.int64, count=n)
-        self.windows.add_batch([(r.service, r.region) for r in records], ts, values)
+    def add_partial(self, p: Any) -> bool:
+        """Merge a partial whose metrics come by name (``p.named``: name -> [sum, present])."""
+        sums = np.zeros(MAX_METRICS)
+        present = np.zeros(MAX_METRICS)
+        for name, (total, have) in p.named.items():
+            col = self._column(name)
+            if col is not None:
+                sums[col], present[col] = total, have
+        return self.windows.add_partial(p.key, p.start, p.count, sums, present, p.users)
 
     def findings(self, agg: WindowAggregate) -> list[Finding]:
         service, region = agg.key

@@ -1,0 +1,206 @@
+"""Stage 2, per entity: merge the partial aggregates of every input partition, then detect.
+
+A :class:`Stage2` holds the per-entity detectors of one stream (baselines, series, forecaster)
+for the entities of one aggregates partition. Each input partition's stage 1 tells how far its
+windows are closed (its *progress*); a window is complete, and detected on, once every active
+input partition's progress has passed its end (:class:`SourceProgress`). An input partition that
+has not advanced for ``idle_s`` of wall time stops holding the others back: wall time decides
+*when* to act on a quiet stream, never *what* a complete window holds.
+
+:class:`FraudStage` does the same for the fraud detector over the repartitioned behaviour events
+(keyed by pseudonymised user): events are buffered until the progress passes their window, then
+fed in event-time order one window at a time, so that the outcome does not depend on how the
+events were split into partitions or batches.
+
+No Kafka, no Faust: the worker's agents and the offline pipeline feed these the same way.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, NamedTuple, Optional, Sequence
+
+from ..settings import Settings
+from .base import Anomaly
+from .behavior import BehaviorRateDetector, FraudDetector
+from .quality import AudioQualityDetector
+from .system import SystemMetricsDetector
+
+IDLE_PARTITION_S = 10.0  # an input partition that has not advanced for this long stops holding the watermark back
+STREAMS = ("audio", "behavior", "system")
+
+
+class SourceProgress:
+    """The progress (closed-until event time) of each input partition of one stream.
+
+    >>> sp = SourceProgress(idle_s=10)
+    >>> sp.update(0, 20_000, now=0.0); sp.update(1, 10_000, now=0.0)
+    >>> sp.watermark(now=5.0), sp.watermark(now=11.0)
+    (10000, 20000)
+    >>> sp.update(1, 30_000, now=12.0); sp.watermark(now=12.0)
+    30000
+    """
+
+    def __init__(self, idle_s: float = IDLE_PARTITION_S) -> None:
+        self.idle_s = idle_s
+        self.marks: dict[int, tuple[int, float]] = {}  # input partition -> (closed until, wall time it last advanced)
+
+    def update(self, partition: int, closed_until: int, now: Optional[float] = None) -> None:
+        now = time.time() if now is None else now
+        old = self.marks.get(partition)
+        if old is None or closed_until > old[0]:
+            self.marks[partition] = (closed_until, now)
+
+    def watermark(self, now: Optional[float] = None) -> Optional[int]:
+        """The slowest active partition's progress (all idle: the furthest one's)."""
+        if not self.marks:
+            return None
+        now = time.time() if now is None else now
+        active = [c for c, wall in self.marks.values() if now - wall < self.idle_s]
+        if active:
+            # a partition idle but ahead does not matter; one idle and behind is left out
+            return min(active)
+        return max(c for c, _ in self.marks.values())
+
+
+def make_detectors(settings: Settings, stream: str) -> list[Any]:
+    topic = settings.topics.inputs()[stream]
+    if stream == "audio":
+        return [AudioQualityDetector(settings, topic)]
+    if stream == "behavior":
+        return [BehaviorRateDetector(settings, topic)]
+    if stream == "system":
+        return [SystemMetricsDetector(settings, topic)]
+    raise ValueError(f"unknown stream {stream!r}; expected one of {STREAMS}")
+
+
+class Stage2:
+    """The per-entity detectors of one stream, fed partial aggregates (see the module doc)."""
+
+    def __init__(self, settings: Settings, stream: str, idle_s: float = IDLE_PARTITION_S) -> None:
+        self.settings = settings
+        self.stream = stream
+        self.detectors = make_detectors(settings, stream)
+        self._by_name = {d.name: d for d in self.detectors}
+        self.progress = SourceProgress(idle_s)
+        self.done_until = -(2**62)  # windows ending at or before this are detected
+        self.late_partials = 0
+
+    def add(self, source_partition: int, partials: Sequence[Any], closed_until: Optional[int],
+            now: Optional[float] = None) -> list[Anomaly]:
+        """One input partition's partials and progress; returns the anomalies of the windows that completed."""
+        for p in partials:
+            det = self._by_name.get(p.detector)
+            if det is None:
+                raise ValueError(f"stage 2 of {self.stream}: no detector {p.detector!r}")
+            if not det.add_partial(p):
+                self.late_partials += 1
+        if closed_until is not None:
+            self.progress.update(source_partition, closed_until, now)
+        return self.advance(now)
+
+    def advance(self, now: Optional[float] = None) -> list[Anomaly]:
+        wm = self.progress.watermark(now)
+        if wm is None or wm <= self.done_until:
+            return []
+        self.done_until = wm
+        out: list[Anomaly] = []
+        for det in self.detectors:
+            out.extend(det.evaluate(wm))
+        return out
+
+    def flush(self) -> list[Anomaly]:
+        """Close every open window now (the stream went quiet)."""
+        ends = [a.end for d in self.detectors for a in d.windows._open.values()]
+        if not ends:
+            return []
+        self.done_until = max(ends)
+        out: list[Anomaly] = []
+        for det in self.detectors:
+            out.extend(det.evaluate(self.done_until))
+        return out
+
+    def event_time(self, now: Optional[float] = None) -> Optional[int]:
+        """How far this stream's windows are complete (the alerting clock's view of the stream)."""
+        return self.progress.watermark(now)
+
+    @property
+    def open_windows(self) -> int:
+        return sum(d.windows.open_count for d in self.detectors)
+
+    def tracked(self) -> dict[str, int]:
+        return {d.name: len(d.entities) for d in self.detectors}
+
+
+class FraudEvent(NamedTuple):
+    """A behaviour event as the fraud detector reads it (user and device pseudonymised)."""
+
+    ts: int
+    user_id: str
+    event_type: str
+    device_id: str
+    country: str
+    user_segment: str
+    artist_id: Optional[str]
+    payment_method_id: Optional[str]
+
+
+def _order(row: Sequence[Any]) -> tuple:
+    return tuple("" if v is None else v for v in row)
+
+
+class FraudStage:
+    """The fraud detector over repartitioned behaviour events (see the module doc)."""
+
+    name = "behavior.fraud"
+
+    def __init__(self, settings: Settings, idle_s: float = IDLE_PARTITION_S) -> None:
+        self.settings = settings
+        self.detector = FraudDetector(settings, settings.topics.behavior)
+        self.size_ms = settings.windows.aggregate_s * 1000
+        self.progress = SourceProgress(idle_s)
+        self.pending: list[list] = []
+        self.done_until = -(2**62)
+        self.late_events = 0
+
+    def add(self, source_partition: int, rows: Sequence[Sequence[Any]], closed_until: Optional[int],
+            now: Optional[float] = None) -> list[Anomaly]:
+        for row in rows:
+            if row[0] < self.done_until:
+                self.late_events += 1
+            else:
+                self.pending.append(list(row))
+        if closed_until is not None:
+            self.progress.update(source_partition, closed_until, now)
+        return self.advance(now)
+
+    def advance(self, now: Optional[float] = None, until: Optional[int] = None) -> list[Anomaly]:
+        wm = self.progress.watermark(now) if until is None else until
+        if wm is None or wm <= self.done_until:
+            return []
+        self.done_until = wm
+        ready = [r for r in self.pending if r[0] < wm]
+        if not ready:
+            return []
+        self.pending = [r for r in self.pending if r[0] >= wm]
+        ready.sort(key=_order)
+        out: list[Anomaly] = []
+        lo = 0
+        while lo < len(ready):
+            window = ready[lo][0] - ready[lo][0] % self.size_ms
+            hi = lo
+            while hi < len(ready) and ready[hi][0] < window + self.size_ms:
+                hi += 1
+            out.extend(self.detector.process([FraudEvent(*r) for r in ready[lo:hi]], window + self.size_ms))
+            lo = hi
+        return out
+
+    def flush(self) -> list[Anomaly]:
+        if not self.pending:
+            return []
+        top = max(r[0] for r in self.pending)
+        return self.advance(until=top - top % self.size_ms + self.size_ms)
+
+    @property
+    def users(self) -> Any:
+        return self.detector.users
