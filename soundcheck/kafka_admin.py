@@ -27,7 +27,8 @@ def snapshot_topic(settings: Settings) -> str:
 
 def worker_topics(settings: Settings) -> list[str]:
     t = settings.topics
-    return [t.audio, t.behavior, t.system, t.alerts, t.dead_letter, t.anomalies, t.control, snapshot_topic(settings)]
+    return [t.audio, t.behavior, t.system, t.alerts, t.dead_letter, t.anomalies, t.control, t.aggregates, t.fraud,
+            snapshot_topic(settings)]
 
 
 def topic_config(name: str) -> dict[str, str]:

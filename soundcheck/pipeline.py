@@ -60,13 +60,14 @@ class AggregatesMessage:
     value: bytes
 
 
-def encode_partials(stream: str, source: int, closed_until: int, partials: Sequence[Partial]) -> bytes:
-    return orjson.dumps({"stream": stream, "source": source, "closed_until": closed_until,
+def encode_partials(stream: str, source: int, closed_until: int, partials: Sequence[Partial], quiet: bool = False) -> bytes:
+    """``quiet``: the stream went quiet (stage 1 flushed): the alerting clock may move on."""
+    return orjson.dumps({"stream": stream, "source": source, "closed_until": closed_until, "quiet": quiet,
                          "partials": [p.to_wire() for p in partials]}, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
-def encode_rows(source: int, closed_until: int, rows: Sequence[Sequence[Any]]) -> bytes:
-    return orjson.dumps({"stream": "fraud", "source": source, "closed_until": closed_until, "rows": rows})
+def encode_rows(source: int, closed_until: int, rows: Sequence[Sequence[Any]], quiet: bool = False) -> bytes:
+    return orjson.dumps({"stream": "fraud", "source": source, "closed_until": closed_until, "quiet": quiet, "rows": rows})
 
 
 def decode_internal(value: bytes) -> dict[str, Any]:
@@ -121,7 +122,8 @@ class IngestStage:
         pa = self.get(partition)
         out: list[AggregatesMessage] = []
         if records and self.stream == "behavior":
-            rows = fraud_rows(records, pa.closed_until, pa.size_ms, self.pseudonyms, self.fraud_partitions, self.devices)
+            rows = fraud_rows(records, pa.closed_until, pa.size_ms, self.pseudonyms, self.fraud_partitions, self.devices,
+                              offsets.tolist() if offsets is not None else None)
             out.extend(AggregatesMessage("fraud", part, encode_rows(partition, pa.closed_until, r)) for part, r in sorted(rows.items()))
         pa.add(records, offsets)
         now = time.time() if now is None else now
@@ -151,21 +153,21 @@ class IngestStage:
             closes = pa.flush()
             if top > -(2**61):
                 closes += pa.advance(top - top % pa.size_ms + pa.size_ms)
-            out.extend(self._close(p, closes))
+            out.extend(self._close(p, closes, quiet=True))
         return out
 
-    def _close(self, partition: int, partials: list[Partial]) -> list[AggregatesMessage]:
+    def _close(self, partition: int, partials: list[Partial], quiet: bool = False) -> list[AggregatesMessage]:
         pa = self.parts[partition]
-        if pa.closed_until <= self.sent_progress.get(partition, -(2**62)) and not partials:
+        if pa.closed_until <= self.sent_progress.get(partition, -(2**62)) and not partials and not quiet:
             return []
         self.sent_progress[partition] = pa.closed_until
         by_part: dict[int, list[Partial]] = {i: [] for i in range(self.aggregates_partitions)}
         for p in partials:
             by_part[stable_partition(entity_key(p), self.aggregates_partitions)].append(p)
-        out = [AggregatesMessage("aggregates", i, encode_partials(self.stream, partition, pa.closed_until, ps))
+        out = [AggregatesMessage("aggregates", i, encode_partials(self.stream, partition, pa.closed_until, ps, quiet))
                for i, ps in by_part.items()]
         if self.stream == "behavior":  # the fraud stage needs the progress too
-            out.extend(AggregatesMessage("fraud", i, encode_rows(partition, pa.closed_until, []))
+            out.extend(AggregatesMessage("fraud", i, encode_rows(partition, pa.closed_until, [], quiet))
                        for i in range(self.fraud_partitions))
         return out
 

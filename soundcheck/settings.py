@@ -58,6 +58,8 @@ class TopicSettings:
     dead_letter: str
     anomalies: str
     control: str
+    aggregates: str
+    fraud: str
 
     def inputs(self) -> dict[str, str]:
         """The three input topics by stream name."""

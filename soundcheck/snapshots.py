@@ -260,7 +260,7 @@ def capture(proc: Any) -> dict[str, Any]:
             if store is not None:
                 d[attr] = {"items": store._items, "evicted": store.evicted}
         detectors[det.name] = d
-    return {"detectors": detectors, "progress": dict(proc._progress)}
+    return {"detectors": detectors, "progress": dict(getattr(proc, "_progress", {}))}
 
 
 def restore(proc: Any, state: dict[str, Any]) -> int:
@@ -296,5 +296,45 @@ def restore(proc: Any, state: dict[str, Any]) -> int:
             store._items = items
             store.evicted = saved_store.get("evicted", 0)
             restored += len(items)
-    proc._progress.update(state.get("progress", {}))
+    if hasattr(proc, "_progress"):
+        proc._progress.update(state.get("progress", {}))
     return restored
+
+
+# ---------------------------------------------------------------------------------------------
+# stage 2: the detectors of one aggregates or fraud partition
+
+
+def capture_stage(value: Any) -> dict[str, Any]:
+    """The state of a stage-2 unit: a dict of :class:`~soundcheck.detectors.stage2.Stage2` by
+    stream (an aggregates partition), or a :class:`~soundcheck.detectors.stage2.FraudStage`."""
+    if isinstance(value, dict):
+        return {"streams": {s: {**capture(st), "marks": dict(st.progress.marks), "done_until": st.done_until,
+                                "sources": st.sources} for s, st in value.items()}}
+    return {"fraud": {**capture(type("P", (), {"detectors": [value.detector]})()), "marks": dict(value.progress.marks),
+                      "done_until": value.done_until, "pending": value.pending, "offsets": dict(value.offsets)}}
+
+
+def restore_stage(value: Any, state: dict[str, Any]) -> int:
+    """Load :func:`capture_stage` output into a fresh unit; returns the entities restored. Progress
+    marks restart their idle clocks now."""
+    now = time.time()
+    if isinstance(value, dict):
+        n = 0
+        for s, saved in state.get("streams", {}).items():
+            st = value.get(s)
+            if st is None:
+                continue
+            n += restore(st, saved)
+            st.progress.marks = {int(p): (int(c), now) for p, (c, _) in saved.get("marks", {}).items()}
+            st.done_until = int(saved.get("done_until", st.done_until))
+            st.sources = dict(saved.get("sources", {}))
+        return n
+    saved = state.get("fraud") or {}
+    holder = type("P", (), {"detectors": [value.detector]})()
+    n = restore(holder, saved)
+    value.progress.marks = {int(p): (int(c), now) for p, (c, _) in saved.get("marks", {}).items()}
+    value.done_until = int(saved.get("done_until", value.done_until))
+    value.pending = list(saved.get("pending", []))
+    value.offsets = {int(p): int(o) for p, o in saved.get("offsets", {}).items()}
+    return n

@@ -29,8 +29,9 @@ class WorkerContext:
     contracts: dict[str, Contract]
     graph: ServiceGraph
     topics: dict[str, Any] = field(default_factory=dict)  # faust topics by role
-    processors: dict[str, Any] = field(default_factory=dict)  # stream name -> PartitionedProcessor
-    snapshots: Any = None  # agents.ingest.SnapshotKeeper: detector state snapshots per input partition
+    processors: dict[str, Any] = field(default_factory=dict)  # role (aggregates, fraud) -> agents.detect.UnitHolder
+    ingest: dict[str, Any] = field(default_factory=dict)  # stream -> soundcheck.pipeline.IngestStage (stage 1)
+    snapshots: Any = None  # agents.detect.SnapshotKeeper: stage-2 state snapshots per partition
 
 
 def broker_urls(bootstrap: str) -> list[str]:
@@ -76,18 +77,19 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
     )
     t = settings.topics
     raw = {"key_type": bytes, "value_type": bytes, "key_serializer": "raw", "value_serializer": "raw"}
-    for stream, name in t.inputs().items():
-        ctx.topics[stream] = app.topic(name, partitions=k.partitions, **raw)
+    # the input topics are read by agents.ingest.IngestService's own consumer, not by Faust
+    ctx.topics["aggregates"] = app.topic(t.aggregates, partitions=k.partitions, internal=True, **raw)
+    ctx.topics["fraud"] = app.topic(t.fraud, partitions=k.partitions, internal=True, **raw)
     ctx.topics["anomalies"] = app.topic(t.anomalies, partitions=k.partitions, internal=True, **raw)
     ctx.topics["alerts"] = app.topic(t.alerts, partitions=k.partitions, **raw)
     ctx.topics["dead_letter"] = app.topic(t.dead_letter, partitions=k.partitions, **raw)
     ctx.topics["control"] = app.topic(t.control, **raw)
 
-    from agents import alerting, ingest, web  # the agents are thin wiring over soundcheck.*
+    from agents import alerting, detect, ingest, web  # the agents are thin wiring over soundcheck.*
 
-    ingest.register_snapshots(app, ctx)
-    for stream in t.inputs():
-        ingest.register(app, ctx, stream)
+    detect.register_snapshots(app, ctx)
+    ingest.register(app, ctx)
+    detect.register(app, ctx)
     alerting.register(app, ctx)
     web.register(app, ctx)
     return app, ctx

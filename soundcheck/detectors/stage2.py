@@ -85,6 +85,8 @@ class Stage2:
         self.progress = SourceProgress(idle_s)
         self.done_until = -(2**62)  # windows ending at or before this are detected
         self.late_partials = 0
+        self.duplicates = 0
+        self.sources: dict[tuple, set[int]] = {}  # (detector, window start, key) -> input partitions merged
 
     def add(self, source_partition: int, partials: Sequence[Any], closed_until: Optional[int],
             now: Optional[float] = None) -> list[Anomaly]:
@@ -93,7 +95,13 @@ class Stage2:
             det = self._by_name.get(p.detector)
             if det is None:
                 raise ValueError(f"stage 2 of {self.stream}: no detector {p.detector!r}")
-            if not det.add_partial(p):
+            seen = self.sources.setdefault((p.detector, p.start, p.key), set())
+            if source_partition in seen:  # sent again after a restart of its partition: the same sums
+                self.duplicates += 1
+                continue
+            if det.add_partial(p):
+                seen.add(source_partition)
+            else:
                 self.late_partials += 1
         if closed_until is not None:
             self.progress.update(source_partition, closed_until, now)
@@ -107,7 +115,13 @@ class Stage2:
         out: list[Anomaly] = []
         for det in self.detectors:
             out.extend(det.evaluate(wm))
+        self._forget(wm)
         return out
+
+    def _forget(self, until: int) -> None:
+        size = self.settings.windows.aggregate_s * 1000
+        for k in [k for k in self.sources if k[1] + size <= until]:
+            del self.sources[k]
 
     def flush(self) -> list[Anomaly]:
         """Close every open window now (the stream went quiet)."""
@@ -118,6 +132,7 @@ class Stage2:
         out: list[Anomaly] = []
         for det in self.detectors:
             out.extend(det.evaluate(self.done_until))
+        self._forget(self.done_until)
         return out
 
     def event_time(self, now: Optional[float] = None) -> Optional[int]:
@@ -162,14 +177,21 @@ class FraudStage:
         self.pending: list[list] = []
         self.done_until = -(2**62)
         self.late_events = 0
+        self.duplicates = 0
+        self.offsets: dict[int, int] = {}  # input partition -> the highest source offset of a row taken
 
     def add(self, source_partition: int, rows: Sequence[Sequence[Any]], closed_until: Optional[int],
             now: Optional[float] = None) -> list[Anomaly]:
+        top = self.offsets.get(source_partition, -1)
         for row in rows:
-            if row[0] < self.done_until:
+            if len(row) > 8 and row[8] <= top:  # read again after a restart of its partition
+                self.duplicates += 1
+            elif row[0] < self.done_until:
                 self.late_events += 1
             else:
-                self.pending.append(list(row))
+                self.pending.append(list(row[:8]))
+        if rows and len(rows[-1]) > 8:
+            self.offsets[source_partition] = max(top, max(int(r[8]) for r in rows))
         if closed_until is not None:
             self.progress.update(source_partition, closed_until, now)
         return self.advance(now)

@@ -379,17 +379,20 @@ _FRAUD_TYPES = frozenset({"play_start", "play_complete", "payment_attempt", "pay
 
 
 def fraud_rows(records: Sequence[Any], closed_until: int, size_ms: int, pseudonyms: Pseudonyms,
-               partitions: int, device_pseudonyms: Optional[Pseudonyms] = None) -> dict[int, list[list]]:
+               partitions: int, device_pseudonyms: Optional[Pseudonyms] = None,
+               offsets: Optional[Sequence[int]] = None) -> dict[int, list[list]]:
     """Compact rows of the behaviour events the fraud detector reads, grouped by the fraud
     topic's partition of their user: ``[ts, user, event_type, device, country, segment, artist,
-    payment_method]`` with user and device pseudonymised. Late records (their window already
+    payment_method, source offset]`` with user and device pseudonymised (the offset lets the
+    fraud stage skip rows it already has when a partition is read again). Late records (their window already
     closed on this partition) are left out, as stage 1 leaves them out of the aggregates.
 
     Every event type counts for devices and countries, so every event is forwarded."""
     out: dict[int, list[list]] = {}
     devices = device_pseudonyms or pseudonyms
     where: dict[str, int] = {}
-    for ts, user, et, device, country, segment, artist, method in map(_FRAUD_COLS, records):
+    offs = offsets if offsets is not None else [0] * len(records)
+    for (ts, user, et, device, country, segment, artist, method), off in zip(map(_FRAUD_COLS, records), offs):
         if ts - ts % size_ms < closed_until:
             continue
         u = pseudonyms(user)
@@ -397,5 +400,5 @@ def fraud_rows(records: Sequence[Any], closed_until: int, size_ms: int, pseudony
         if part is None:
             part = where[u] = stable_partition(u, partitions)
         out.setdefault(part, []).append([ts, u, et, devices(device), country, segment, artist,
-                                         method if et in _FRAUD_TYPES else None])
+                                         method if et in _FRAUD_TYPES else None, int(off)])
     return out

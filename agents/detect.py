@@ -1,0 +1,398 @@
+"""Stage 2 in the worker: Faust agents on the internal aggregates and fraud topics.
+
+* ``soundcheck.detect`` reads the aggregates topic: per partition, a dict of
+  :class:`~soundcheck.detectors.stage2.Stage2` (one per input stream) merges the partials of every
+  input partition and detects on complete windows; anomalies go to the anomalies topic keyed by
+  correlation scope, and event-time ticks (how far each stream's windows are complete) go to the
+  anomalies partition of the same number, for the alerting agent's clock.
+* ``soundcheck.fraud`` reads the fraud topic (behaviour rows keyed by pseudonymised user):
+  a :class:`~soundcheck.detectors.stage2.FraudStage` per partition.
+* a timer lets quiet input partitions stop holding windows back (wall time decides when to act
+  on a quiet stream, never what a window holds).
+
+Their state is per partition of their topic (:class:`UnitHolder`), and :class:`SnapshotKeeper`
+makes it survive restarts and rebalances: every ``SNAPSHOT_INTERVAL_S`` (and when partitions are
+revoked, and on a clean shutdown) it writes a versioned snapshot (:mod:`soundcheck.snapshots`) of
+each partition whose state changed to the compacted topic ``<app_id>.snapshots``, keyed
+``role:partition``; when partitions are assigned it reads the latest snapshot of each newly
+assigned partition and loads it before that partition's messages are processed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Optional
+
+import faust
+import orjson
+
+from soundcheck import snapshots
+from soundcheck.contracts import Rejection
+from soundcheck.detectors.stage2 import STREAMS, FraudStage, Stage2
+from soundcheck.kafka_admin import SNAPSHOT_MAX_BYTES, read_latest, snapshot_topic
+from soundcheck.pipeline import decode_internal, publish
+
+from .ingest import dead_letter
+
+log = logging.getLogger(__name__)
+SNAPSHOT_INTERVAL_S = 30.0  # write the snapshots of changed partitions this often (wall time)
+SNAPSHOT_INTERVAL_ENV = "SOUNDCHECK_SNAPSHOT_INTERVAL_S"  # overrides it (tests)
+RESTORE_TIMEOUT_S = 60.0  # give up reading the snapshot topic after this long (the partitions start fresh)
+SEND_TIMEOUT_S = 30.0  # give up writing one snapshot after this long (it is retried at the next interval)
+ADVANCE_EVERY_S = 1.0
+
+
+def snapshot_interval(environ: Optional[dict] = None) -> float:
+    """``SNAPSHOT_INTERVAL_S``, or ``$SOUNDCHECK_SNAPSHOT_INTERVAL_S`` when set."""
+    raw = (os.environ if environ is None else environ).get(SNAPSHOT_INTERVAL_ENV, "").strip()
+    return float(raw) if raw else SNAPSHOT_INTERVAL_S
+
+
+@dataclass
+class UnitHolder:
+    """The stage-2 units of one role (``aggregates`` or ``fraud``) by partition of its topic, with
+    the last offset each unit's state holds and whether it changed since its last snapshot."""
+
+    role: str
+    factory: Callable[[], Any]
+    partitions: dict[int, Any] = field(default_factory=dict)
+    offsets: dict[int, int] = field(default_factory=dict)
+    dirty: set[int] = field(default_factory=set)
+
+    def new_processor(self) -> Any:
+        return self.factory()
+
+    def get(self, partition: int) -> Any:
+        unit = self.partitions.get(partition)
+        if unit is None:
+            unit = self.partitions[partition] = self.factory()
+        return unit
+
+    def seen(self, partition: int, offset: int) -> bool:
+        return offset <= self.offsets.get(partition, -1)
+
+    def done(self, partition: int, offset: int) -> None:
+        if offset > self.offsets.get(partition, -1):
+            self.offsets[partition] = offset
+        self.dirty.add(partition)
+
+    def load(self, partition: int, unit: Any, last_offset: int) -> None:
+        self.partitions[partition] = unit
+        self.offsets[partition] = last_offset
+        self.dirty.discard(partition)
+
+    def drop(self, partition: int) -> None:
+        self.partitions.pop(partition, None)
+        self.offsets.pop(partition, None)
+        self.dirty.discard(partition)
+
+    def last_event_time(self, partition: int) -> Optional[int]:
+        unit = self.partitions.get(partition)
+        if unit is None:
+            return None
+        stages = unit.values() if isinstance(unit, dict) else [unit]
+        marks = [st.done_until for st in stages if st.done_until > -(2**61)]
+        return min(marks) if marks else None
+
+    def tracked(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for unit in self.partitions.values():
+            if isinstance(unit, dict):
+                for st in unit.values():
+                    for name, n in st.tracked().items():
+                        out[name] = out.get(name, 0) + n
+            else:
+                out["behavior.fraud"] = out.get("behavior.fraud", 0) + len(unit.users)
+        return out
+
+
+def set_tracked(m: Any, holder: UnitHolder) -> None:
+    for name, n in holder.tracked().items():
+        m.tracked_entities.labels(detector=name).set(n)
+
+
+def register(app: faust.App, ctx: Any) -> None:
+    settings, m = ctx.settings, ctx.metrics
+    keeper: SnapshotKeeper = ctx.snapshots
+    agg = ctx.processors["aggregates"] = UnitHolder("aggregates", lambda: {s: Stage2(settings, s) for s in STREAMS})
+    fraud = ctx.processors["fraud"] = UnitHolder("fraud", lambda: FraudStage(settings))
+    anomalies_topic, dlq = ctx.topics["anomalies"], ctx.topics["dead_letter"]
+    tick_ms = settings.windows.aggregate_s * 1000
+    quiet_ms = (settings.windows.group_wait_s + settings.windows.aggregate_s) * 1000
+    ticks: dict[tuple[int, str], int] = {}
+
+    async def emit(anomalies: list, partition: int, unit: Any, quiet: bool = False) -> None:
+        for a in anomalies:
+            m.anomalies.labels(detector=a.detector).inc()
+            await anomalies_topic.send(key=(a.scope or a.region).encode(), value=a.to_json())
+        if not isinstance(unit, dict):
+            return
+        for stream, st in unit.items():  # event-time ticks for the alerting clock, once per window
+            t = st.event_time()
+            if t is None:
+                continue
+            t = t + quiet_ms if quiet else t
+            t -= t % tick_ms
+            if t > ticks.get((partition, stream), -(2**62)):
+                ticks[(partition, stream)] = t
+                await anomalies_topic.send(value=orjson.dumps({"tick": stream, "event_time": t}), partition=partition)
+
+    def make_agent(holder: UnitHolder, name: str) -> Callable:
+        async def agent(stream: faust.StreamT) -> None:
+            async for event in stream.events():
+                part, offset = event.message.partition, event.message.offset
+                try:
+                    await keeper.ready(holder.role, part)
+                    if holder.seen(part, offset):
+                        continue
+                    doc = decode_internal(event.value)
+                    unit = holder.get(part)
+                    if doc["stream"] == "fraud":
+                        found = unit.add(doc["source"], doc.get("rows", []), doc.get("closed_until"))
+                    else:
+                        found = unit[doc["stream"]].add(doc["source"], doc["partials"], doc.get("closed_until"))
+                        for a in found:
+                            publish(a, settings)
+                    holder.done(part, offset)
+                    await emit(found, part, unit, quiet=bool(doc.get("quiet")))
+                except Exception as exc:  # never fatal: the message goes to the dead letters
+                    log.exception("agent %s: message at offset %s of partition %s failed", name, offset, part)
+                    key, value = dead_letter(event, Rejection("processing_error", f"{name}: {type(exc).__name__}: {exc}"), holder.role)
+                    await dlq.send(key=key, value=value)
+                    m.dead_letters.labels(topic=event.message.topic, reason="processing_error").inc()
+            set_tracked(m, holder)
+
+        return agent
+
+    app.agent(ctx.topics["aggregates"], name="soundcheck.detect")(make_agent(agg, "soundcheck.detect"))
+    app.agent(ctx.topics["fraud"], name="soundcheck.fraud")(make_agent(fraud, "soundcheck.fraud"))
+
+    async def advance_idle() -> None:
+        """Input partitions quiet for a while stop holding windows back."""
+        for holder in (agg, fraud):
+            for part, unit in list(holder.partitions.items()):
+                if keeper.restoring.get((holder.role, part)) is not None:
+                    continue
+                if isinstance(unit, dict):
+                    found = [a for st in unit.values() for a in st.advance()]
+                    for a in found:
+                        publish(a, settings)
+                else:
+                    found = unit.advance()
+                if found:
+                    holder.dirty.add(part)
+                await emit(found, part, unit)
+            set_tracked(m, holder)
+
+    app.timer(interval=ADVANCE_EVERY_S, name="soundcheck.detect.idle")(advance_idle)
+
+
+class SnapshotKeeper:
+    """Writes and restores the detector state snapshots of the stage-2 units (``aggregates`` and ``fraud``) of one app.
+
+    * every ``interval`` s (a Faust timer), and for the revoked partitions when a rebalance
+      starts (``app.on_partitions_revoked``), and on a clean shutdown
+      (``app.on_before_shutdown``, sent after the agents drained and before the producer
+      flushes): one snapshot per partition whose state changed since its last one;
+    * on ``app.on_partitions_assigned`` (sent at the end of every rebalance with the whole new
+      assignment): drop the state of input partitions no longer assigned, read the snapshot
+      topic for the newly assigned ones and load them. The partitions' records wait meanwhile
+      (:meth:`ready`): Faust resumes the partitions when its table recovery ends, which may be
+      before the snapshot topic is read.
+    """
+
+    def __init__(self, app: faust.App, ctx: Any) -> None:
+        self.app, self.ctx = app, ctx
+        self.settings, self.metrics = ctx.settings, ctx.metrics
+        self.topic = snapshot_topic(ctx.settings)
+        self.owned: dict[str, set[int]] = {}  # role -> partitions assigned here (restored or being restored)
+        self.restoring: dict[tuple[str, int], asyncio.Future] = {}
+        self._logged: set[tuple[str, str]] = set()
+        self._lock: Optional[asyncio.Lock] = None
+        self._producer: Any = None
+
+    @property
+    def lock(self) -> asyncio.Lock:
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        return self._lock
+
+    def streams_by_topic(self) -> dict[str, str]:
+        t = self.settings.topics
+        return {t.aggregates: "aggregates", t.fraud: "fraud"}
+
+    async def ready(self, stream: str, partition: int) -> None:
+        fut = self.restoring.get((stream, partition))
+        if fut is not None and not fut.done():
+            await asyncio.shield(fut)
+
+    # -- writing --------------------------------------------------------------------------
+
+    async def producer(self) -> Any:
+        """A producer of our own: snapshots (up to 16 MB) never sit in Faust's producer, whose
+        flush every offset commit waits for, and a slow snapshot write cannot hold commits back."""
+        if self._producer is None:
+            from aiokafka import AIOKafkaProducer
+
+            producer = AIOKafkaProducer(
+                bootstrap_servers=self.settings.kafka.bootstrap_servers, client_id=f"{self.settings.kafka.app_id}-snapshots",
+                acks="all", max_request_size=SNAPSHOT_MAX_BYTES + 1024 * 1024, request_timeout_ms=int(SEND_TIMEOUT_S * 1000),
+            )
+            await producer.start()
+            self._producer = producer
+        return self._producer
+
+    async def close(self) -> None:
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            await producer.stop()
+
+    def encode(self, stream: str, partition: int) -> Optional[bytes]:
+        pp: UnitHolder = self.ctx.processors[stream]
+        proc = pp.partitions.get(partition)
+        if proc is None:
+            return None
+        started = time.perf_counter()
+        blob = snapshots.encode_snapshot(
+            snapshots.capture_stage(proc), stream=stream, partition=partition, last_offset=pp.offsets.get(partition, -1),
+            last_event_time=pp.last_event_time(partition), settings=self.settings,
+        )
+        self.metrics.snapshot_seconds.labels(stream=stream).observe(time.perf_counter() - started)
+        return blob
+
+    async def write(self, only: Optional[Iterable[tuple[str, int]]] = None, why: str = "interval") -> int:
+        """Snapshot the changed partitions (of ``only``, if given); returns how many were written."""
+        written = 0
+        wanted = set(only) if only is not None else None
+        async with self.lock:
+            for stream, pp in self.ctx.processors.items():
+                for part in sorted(pp.dirty):
+                    if wanted is not None and (stream, part) not in wanted:
+                        continue
+                    try:
+                        blob = self.encode(stream, part)  # synchronous: the state and its offset agree
+                        pp.dirty.discard(part)
+                        if blob is None:
+                            continue
+                        if len(blob) > SNAPSHOT_MAX_BYTES:
+                            raise ValueError(f"{len(blob)} bytes is over the limit of {SNAPSHOT_MAX_BYTES}")
+                        producer = await self.producer()
+                        await asyncio.wait_for(producer.send_and_wait(self.topic, blob, key=f"{stream}:{part}".encode()),
+                                               SEND_TIMEOUT_S)
+                    except Exception as exc:
+                        pp.dirty.add(part)
+                        self.metrics.snapshot_failures.labels(stream=stream).inc()
+                        log.error("snapshot of %s partition %d (%s) failed: %s: %s", stream, part, why, type(exc).__name__, exc)
+                        continue
+                    written += 1
+                    self.metrics.snapshots_written.labels(stream=stream).inc()
+                    self.metrics.snapshot_bytes.labels(stream=stream).observe(len(blob))
+        if written and why != "interval":
+            log.info("wrote %d detector state snapshots (%s)", written, why)
+        return written
+
+    # -- restoring ------------------------------------------------------------------------
+
+    def _reject(self, stream: str, exc: snapshots.SnapshotRejected) -> None:
+        self.metrics.snapshots_rejected.labels(stream=stream).inc()
+        if (stream, exc.reason) not in self._logged:  # once per stream and reason
+            self._logged.add((stream, exc.reason))
+            log.warning("a %s detector state snapshot was not restored, the partition starts fresh: %s", stream, exc)
+
+    def load(self, stream: str, partition: int, blob: bytes) -> bool:
+        pp: UnitHolder = self.ctx.processors[stream]
+        try:
+            header, state = snapshots.decode_snapshot(blob, self.settings)
+            if header.get("stream") != stream or header.get("partition") != partition:
+                raise snapshots.SnapshotRejected("corrupt", f"key {stream}:{partition} holds {header.get('stream')}:{header.get('partition')}")
+            proc = pp.new_processor()
+            snapshots.restore_stage(proc, state)
+        except snapshots.SnapshotRejected as exc:
+            self._reject(stream, exc)
+            return False
+        except Exception as exc:  # a state that unpickled but does not fit: start fresh too
+            self._reject(stream, snapshots.SnapshotRejected("incompatible", f"{type(exc).__name__}: {exc}"))
+            return False
+        if header.get("config_digest") not in (None, snapshots.config_digest(self.settings)):
+            log.info("%s partition %d: restored state was learned with other detection settings", stream, partition)
+        pp.load(partition, proc, int(header.get("last_offset", -1)))
+        self.metrics.snapshots_restored.labels(stream=stream).inc()
+        return True
+
+    async def on_revoked(self, sender: Any, revoked: set, **kwargs: Any) -> None:
+        by_topic = self.streams_by_topic()
+        await self.write([(by_topic[tp.topic], tp.partition) for tp in revoked if tp.topic in by_topic], why="revoked")
+
+    async def on_assigned(self, sender: Any, assigned: set, **kwargs: Any) -> None:
+        by_topic = self.streams_by_topic()
+        now: dict[str, set[int]] = {s: set() for s in self.ctx.processors}
+        for tp in assigned:
+            if tp.topic in by_topic:
+                now[by_topic[tp.topic]].add(tp.partition)
+        new: list[tuple[str, int]] = []
+        for stream, pp in self.ctx.processors.items():
+            had = self.owned.get(stream, set()) | set(pp.partitions)
+            for part in had - now[stream]:
+                pp.drop(part)
+            new.extend((stream, p) for p in sorted(now[stream] - self.owned.get(stream, set())))
+            self.owned[stream] = now[stream]
+        if not new:
+            return
+        loop = asyncio.get_running_loop()
+        futs = {key: loop.create_future() for key in new}
+        self.restoring.update(futs)  # before any await: the agents wait for these partitions
+        try:
+            await self.restore(new)
+        finally:
+            for key, fut in futs.items():
+                if not fut.done():
+                    fut.set_result(None)
+                if self.restoring.get(key) is fut:
+                    del self.restoring[key]
+
+    async def restore(self, wanted: list[tuple[str, int]]) -> None:
+        keys = {f"{s}:{p}".encode(): (s, p) for s, p in wanted}
+        started = time.monotonic()
+        try:
+            found = await read_latest(self.settings.kafka.bootstrap_servers, self.topic, set(keys), timeout=RESTORE_TIMEOUT_S)
+        except Exception as exc:
+            for s in {s for s, _ in wanted}:
+                self.metrics.snapshot_failures.labels(stream=s).inc()
+            log.error("could not read the snapshot topic %s, %d partitions start fresh: %s: %s",
+                      self.topic, len(wanted), type(exc).__name__, exc)
+            return
+        restored = 0
+        for key, blob in found.items():
+            stream, part = keys[key]
+            restored += self.load(stream, part, blob)
+        for stream, pp in self.ctx.processors.items():
+            set_tracked(self.metrics, pp)
+        log.info("restored %d of %d assigned partitions from %s in %.2f s (%d had no snapshot)",
+                 restored, len(wanted), self.topic, time.monotonic() - started, len(wanted) - len(found))
+
+    async def on_shutdown(self, sender: Any, **kwargs: Any) -> None:
+        try:
+            await self.write(why="shutdown")
+        except Exception:  # never block the shutdown
+            log.exception("snapshots on shutdown failed")
+        finally:
+            await self.close()
+
+
+def register_snapshots(app: faust.App, ctx: Any) -> SnapshotKeeper:
+    """The app's :class:`SnapshotKeeper` (``ctx.snapshots``); call before :func:`register`."""
+    keeper = ctx.snapshots = SnapshotKeeper(app, ctx)
+    app.on_partitions_assigned.connect(keeper.on_assigned)
+    app.on_partitions_revoked.connect(keeper.on_revoked)
+    app.on_before_shutdown.connect(keeper.on_shutdown)
+
+    async def snapshot_changed() -> None:
+        await keeper.write()
+
+    app.timer(interval=snapshot_interval(), name="soundcheck.snapshots")(snapshot_changed)
+    return keeper
+
