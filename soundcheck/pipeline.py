@@ -127,8 +127,10 @@ class IngestStage:
             out.extend(AggregatesMessage("fraud", part, encode_rows(partition, pa.closed_until, r)) for part, r in sorted(rows.items()))
         pa.add(records, offsets)
         now = time.time() if now is None else now
-        horizon = int(now * 1000) + PROGRESS_SKEW_MS - pa.lateness_ms  # one record from the near future cannot close everything
-        out.extend(self._close(partition, pa.advance(min(pa.watermark(), horizon))))
+        wm = pa.watermark()
+        if now != float("inf"):  # one record from the near future cannot close everything
+            wm = min(wm, int(now * 1000) + PROGRESS_SKEW_MS - pa.lateness_ms)
+        out.extend(self._close(partition, pa.advance(wm)))
         return out
 
     def idle(self, partitions: Iterable[int]) -> list[AggregatesMessage]:

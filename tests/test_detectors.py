@@ -83,16 +83,32 @@ def test_baseline_contract_pickle_determinism_missing_features(features):
     assert 0.0 <= a.score_one(features) < 1.0
 
 
-def test_tumbling_windows_sum_per_key_close_on_the_watermark_and_count_late_events():
-    agg = TumblingAggregator(size_ms=10_000, lateness_ms=2_000, n_features=1)
-    agg.add_batch(["a", "a", "b"], np.array([T0, T0 + 9_000, T0 + 1_000]), np.array([[1.0], [3.0], [np.nan]]), users=["u1", "u2", "u1"])
-    assert agg.advance() == []
-    agg.add_batch(["a"], np.array([T0 + 12_500]), np.array([[5.0]]))
-    closed = {w.key: w for w in agg.advance()}
-    assert closed["a"].count == 2 and closed["a"].mean()[0] == 2.0 and closed["a"].users == {"u1", "u2"}
-    assert np.isnan(closed["b"].mean()[0])  # NaN means absent, not zero
-    agg.add_batch(["a"], np.array([T0 + 100]), np.array([[7.0]]))
-    assert agg.late_events == 1
+def test_stage1_sums_per_key_and_window_closes_on_the_watermark_and_counts_late_events(settings):
+    from soundcheck.ingest.partials import PartitionAggregator
+
+    s = settings.replace(windows={"aggregate_s": 10, "allowed_lateness_s": 2})
+    pa = PartitionAggregator(s, "system", 0)
+    users = (np.array([0, 1, 0]), ["u1", "u2"])
+    pa.add_columns("x", ["a", "b"], np.array([0, 0, 1]), np.array([T0, T0 + 9_000, T0 + 1_000]),
+                   np.array([[1.0], [3.0], [np.nan]]), np.array([10, 11, 12]), users)
+    pa.max_ts = T0 + 9_000
+    assert pa.advance() == [] and pa.committable(13) == 10
+    pa.add_columns("x", ["a"], np.array([0]), np.array([T0 + 12_500]), np.array([[5.0]]), np.array([13]))
+    closed = {p.key: p for p in pa.advance()}
+    assert closed["a"].count == 2 and closed["a"].sums == [4.0] and closed["a"].present == [2.0] and closed["a"].users == 2
+    assert closed["b"].present == [0.0]  # NaN means absent, not zero
+    assert pa.committable(14) == 13  # the records of the closed window are no longer needed
+    pa.add_columns("x", ["a"], np.array([0]), np.array([T0 + 100]), np.array([[7.0]]), np.array([14]))
+    assert pa.late_events == 1
+
+
+def test_stage2_merges_the_partials_of_every_partition_and_closes_when_all_passed():
+    agg = TumblingAggregator(size_ms=10_000, lateness_ms=0, n_features=1)
+    assert agg.add_partial("a", T0, 2, [4.0], [2.0], users=2) and agg.add_partial("a", T0, 1, [5.0], [1.0], users=1)
+    assert agg.advance(T0 + 9_999) == []
+    (w,) = agg.advance(T0 + 10_000)
+    assert (w.count, w.mean()[0], w.users) == (3, 3.0, 3)
+    assert not agg.add_partial("a", T0, 1, [1.0], [1.0]) and agg.late_events == 1
 
 
 def test_entity_store_is_bounded():
@@ -170,6 +186,7 @@ def test_system_detector_uses_the_service_slo_and_tracks_unknown_metrics(setting
     import orjson
     rec = {"ts": T0 + 10**6, "service": "cdn", "region": "US", "metrics": {"queue_depth": 3.0}}
     det.process(contract.decode(orjson.dumps(rec), now_ms=T0 + 10**8)[0])
+    det.flush()
     assert "queue_depth" in det.columns
 
 
@@ -202,16 +219,26 @@ def test_a_tiny_requested_bitrate_is_no_infinity(settings):
 
 
 def test_one_future_record_does_not_close_the_other_partitions_windows(settings):
-    from soundcheck.pipeline import StreamProcessor
+    from soundcheck.detectors.stage2 import Stage2
+    from soundcheck.pipeline import IngestStage, decode_internal
 
-    proc = StreamProcessor.create(settings, "audio")
+    ingest = IngestStage(settings, "audio")
+    stage2 = Stage2(settings, "audio")
     sim = simulate(plan=(), duration=30)
     contract = load_contracts()["audio"]
     recs = [r for b in sim.ticks() if b.stream == "audio" for v in encode(b, 50) for r in contract.decode(v, now_ms=T0 + 10**8)[0]]
     wall = (T0 + 20_000) / 1000  # the wall clock sits at the end of the data
-    proc.detect(recs[:100], {0: recs[99].ts, 1: recs[99].ts}, now=wall)
+
+    def deliver(msgs):
+        for m in msgs:
+            doc = decode_internal(m.value)
+            stage2.add(doc["source"], doc["partials"], doc["closed_until"], now=wall)
+
+    deliver(ingest.process(0, recs[:100], now=wall))
+    deliver(ingest.process(1, recs[:100], now=wall))
     far = recs[100]
     far.ts = T0 + 290_000  # allowed by the contract (under max_future_skew_s), but far ahead
-    proc.detect([far], {1: far.ts}, now=wall)
-    assert proc.watermark(wall) <= T0 + 25_000  # partition 0 still holds it, and the future is capped
-    assert proc.late_events == 0
+    deliver(ingest.process(1, [far], now=wall))
+    assert ingest.parts[1].closed_until <= T0 + 25_000  # the future is capped at the wall clock
+    assert stage2.event_time(wall) <= ingest.parts[0].closed_until  # partition 0 still holds stage 2 back
+    assert ingest.late_events == 0

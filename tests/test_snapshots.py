@@ -19,27 +19,53 @@ from soundcheck.contracts import load_contracts
 from soundcheck.harness import WorkerProcess, read_topic
 from soundcheck.kafka_admin import read_latest, snapshot_topic
 from soundcheck.metrics import WorkerMetrics
-from soundcheck.pipeline import PROGRESS_SKEW_MS, PartitionedProcessor, StreamProcessor
+from soundcheck.detectors.stage2 import STREAMS, FraudStage, Stage2
+from soundcheck.pipeline import IngestStage, decode_internal
 from soundcheck.produce import produce
 from soundcheck.simulator import Simulator, encode
 
 T0 = 1_700_000_000_000
+ROLES = {"audio": "aggregates", "behavior": "aggregates", "system": "aggregates", "fraud": "fraud"}
 
 
-def _fed(settings, stream: str, seconds: int = 240, seed: int = 4) -> StreamProcessor:
-    """A processor that has learned ``seconds`` of normal traffic of ``stream``."""
-    proc = StreamProcessor.create(settings, stream)
-    for b in Simulator(seed=seed, rate=60, duration_s=seconds, start_ms=T0, plan=()).ticks():
-        if b.stream != stream:
-            continue
-        recs = [r for v in encode(b, 50) for r in proc.decode(v, T0 + 3_600_000)[0]]
-        proc.detect(recs, {0: max(r.ts for r in recs)}, now=T0 / 1000 + 3600)
-    return proc
+def _unit(settings, stream: str):
+    """A fresh stage-2 unit: the Stage2 dict of an aggregates partition, or a FraudStage."""
+    return FraudStage(settings) if stream == "fraud" else {s: Stage2(settings, s) for s in STREAMS}
 
 
-def _snapshot(settings, proc: StreamProcessor, stream: str, partition: int = 0, offset: int = 99) -> bytes:
-    return snapshots.encode_snapshot(snapshots.capture(proc), stream=stream, partition=partition, last_offset=offset,
-                                     last_event_time=proc.watermark(), settings=settings)
+def _feed(settings, units: list, stream: str, sim: Simulator) -> list[list[bytes]]:
+    """Stage 1 over ``sim``'s traffic of ``stream`` (behaviour for fraud), delivered to every unit;
+    returns each unit's anomalies as JSON."""
+    source = "behavior" if stream == "fraud" else stream
+    ingest = IngestStage(settings, source)
+    found: list[list[bytes]] = [[] for _ in units]
+    batches = [b for b in sim.ticks() if b.stream == source]
+
+    def deliver(msgs) -> None:
+        for m in msgs:
+            if (m.topic == "fraud") != (stream == "fraud"):
+                continue
+            doc = decode_internal(m.value)
+            for i, u in enumerate(units):
+                out = (u.add(doc["source"], doc["rows"], doc["closed_until"], now=0.0) if stream == "fraud"
+                       else u[source].add(doc["source"], doc["partials"], doc["closed_until"], now=0.0))
+                found[i].extend(a.to_json() for a in out)
+
+    for b in batches:
+        recs = [r for v in encode(b, 50) for r in ingest.decode(v, T0 + 3_600_000)[0]]
+        deliver(ingest.process(0, recs, now=float("inf")))
+    return found
+
+
+def _fed(settings, stream: str, seconds: int = 240, seed: int = 4):
+    unit = _unit(settings, stream)
+    _feed(settings, [unit], stream, Simulator(seed=seed, rate=60, duration_s=seconds, start_ms=T0, plan=()))
+    return unit
+
+
+def _snapshot(settings, unit, stream: str, partition: int = 0, offset: int = 99) -> bytes:
+    return snapshots.encode_snapshot(snapshots.capture_stage(unit), stream=ROLES[stream], partition=partition,
+                                     last_offset=offset, last_event_time=None, settings=settings)
 
 
 def _rewrite(blob: bytes, **changes) -> bytes:
@@ -48,55 +74,51 @@ def _rewrite(blob: bytes, **changes) -> bytes:
     return snapshots.MAGIC + len(raw).to_bytes(4, "big") + raw + payload
 
 
-def _baselines(proc: StreamProcessor) -> dict:
+def _baselines(unit) -> dict:
     out = {}
-    for det in proc.detectors:
-        if hasattr(det, "users"):  # fraud: the per-user counters (dataclasses compare by value)
-            out[det.name] = dict(det.users._items)
-            continue
-        for key in det.entities.keys():
-            b = det.entities._items[key][1]
-            b = getattr(b, "baseline", b)
-            out[(det.name, key)] = (b.observations, {n: b.expected(n) for n in sorted(b._features)})
+    if isinstance(unit, FraudStage):  # fraud: the per-user counters
+        return {"users": len(unit.users), "pending": len(unit.pending), "state": pickle.dumps(unit.detector.users._items)}
+    for st in unit.values():
+        for det in st.detectors:
+            for key in det.entities.keys():
+                b = det.entities._items[key][1]
+                b = getattr(b, "baseline", b)
+                out[(det.name, key)] = (b.observations, {n: b.expected(n) for n in sorted(b._features)})
     return out
 
 
-@pytest.mark.parametrize("stream", ["audio", "behavior", "system"])
+def _open(unit) -> int:
+    return len(unit.pending) if isinstance(unit, FraudStage) else sum(st.open_windows for st in unit.values())
+
+
+@pytest.mark.parametrize("stream", ["audio", "behavior", "system", "fraud"])
 def test_a_snapshot_round_trip_restores_the_learned_state_and_the_detection_that_follows(settings, stream):
-    proc = _fed(settings, stream)
-    blob = _snapshot(settings, proc, stream, partition=2, offset=1234)
+    unit = _fed(settings, stream)
+    blob = _snapshot(settings, unit, stream, partition=2, offset=1234)
     header, state = snapshots.decode_snapshot(blob, settings)
     assert header["format"] == snapshots.FORMAT_VERSION and header["river"] == "0.26.1"
-    assert (header["stream"], header["partition"], header["last_offset"]) == (stream, 2, 1234)
-    assert header["last_event_time"] == proc.watermark() and header["created_at"] > 0 and header["soundcheck"]
-    restored = StreamProcessor.create(settings, stream)
-    assert snapshots.restore(restored, state) > 0
-    assert _baselines(restored) == _baselines(proc) and _baselines(proc)
-    assert restored.open_windows == proc.open_windows
+    assert (header["stream"], header["partition"], header["last_offset"]) == (ROLES[stream], 2, 1234)
+    assert header["created_at"] > 0 and header["soundcheck"]
+    restored = _unit(settings, stream)
+    assert snapshots.restore_stage(restored, state) > 0
+    assert _baselines(restored) == _baselines(unit) and _baselines(unit)
+    assert _open(restored) == _open(unit)
     # the same later traffic gives the same findings from the original and from the restored state
-    later = Simulator(seed=4, rate=60, duration_s=120, start_ms=T0 + 240_000, plan=())
-    found = {id(proc): [], id(restored): []}
-    for b in later.ticks():
-        if b.stream != stream:
-            continue
-        for p in (proc, restored):
-            recs = [r for v in encode(b, 50) for r in p.decode(v, T0 + 3_600_000)[0]]
-            found[id(p)].extend(a.to_json() for a in p.detect(recs, {0: max(r.ts for r in recs)}, now=T0 / 1000 + 3600))
-    for p in (proc, restored):
-        found[id(p)].extend(a.to_json() for a in p.flush())
-    assert found[id(proc)] == found[id(restored)]
-    assert _baselines(restored) == _baselines(proc)
+    later = Simulator(seed=4, rate=60, duration_s=120, start_ms=T0 + 240_000, plan=(("fraud_farm", 10, 100),))
+    a, b = _feed(settings, [unit, restored], stream, later)
+    assert a == b
+    assert _baselines(restored) == _baselines(unit)
 
 
 def test_the_settings_are_not_in_the_snapshot_the_restoring_workers_stand_in(settings):
-    proc = _fed(settings, "system", seconds=60)
-    blob = _snapshot(settings, proc, "system")
+    unit = _fed(settings, "system", seconds=60)
+    blob = _snapshot(settings, unit, "system")
     assert b"pseudonym" not in zlib.decompress(snapshots.decode_header(blob)[1])
     other = settings.replace(kafka={"app_id": "another"})
     _, state = snapshots.decode_snapshot(blob, other)
-    restored = StreamProcessor.create(other, "system")
-    snapshots.restore(restored, state)
-    det = restored.detectors[0]
+    restored = _unit(other, "system")
+    snapshots.restore_stage(restored, state)
+    det = restored["system"].detectors[0]
     baseline = next(iter(det.entities._items.values()))[1]
     assert getattr(baseline, "baseline", baseline).min_change._settings is other
     with pytest.raises(snapshots.SnapshotRejected):  # without settings it cannot be restored
@@ -137,62 +159,36 @@ def test_a_payload_naming_any_other_callable_is_refused(settings):
 
     for payload_obj in (os.system, print, snapshots.encode_snapshot):
         payload = zlib.compress(pickle.dumps(payload_obj))
-        blob = _rewrite(_snapshot(settings, StreamProcessor.create(settings, "audio"), "audio"),
+        blob = _rewrite(_snapshot(settings, _unit(settings, "audio"), "audio"),
                         payload_bytes=len(payload), payload_crc32=zlib.crc32(payload))
         blob = blob[: -len(snapshots.decode_header(blob)[1])] + payload
         with pytest.raises(snapshots.SnapshotRejected, match="not allowed"):
             snapshots.decode_snapshot(blob, settings)
 
 
-def test_state_is_per_partition_and_each_partition_has_its_own_watermark(settings):
-    pp = PartitionedProcessor.create(settings, "audio")
-    sim = Simulator(seed=2, rate=60, duration_s=60, start_ms=T0, plan=())
-    batches = [b for b in sim.ticks() if b.stream == "audio"]
-    now = T0 / 1000 + 3600
-    for i, b in enumerate(batches):
-        recs = [r for v in encode(b, 50) for r in pp.decode(v, T0 + 3_600_000)[0]]
-        pp.detect(0, recs, max(r.ts for r in recs), offset=i, now=now)  # partition 0 runs a minute ahead
-    first = [r for v in encode(batches[0], 50) for r in pp.decode(v, T0 + 3_600_000)[0]]
-    pp.detect(1, first, max(r.ts for r in first), offset=0, now=now)
-    p0, p1 = pp.partitions[0], pp.partitions[1]
-    assert p1.watermark(now) < p0.watermark(now) - 30_000  # partition 0 does not close partition 1's windows
-    assert p1.open_windows > 0 and p1.late_events == 0
-    assert pp.seen(0, len(batches) - 1) and not pp.seen(0, len(batches)) and not pp.seen(2, 0)
-    far = int(now * 1000) + 10 * PROGRESS_SKEW_MS  # the future is still capped per partition
-    pp.detect(3, [], far, offset=0, now=now)
-    pp.detect(3, first[:1], far, offset=1, now=now)
-    assert pp.partitions[3].watermark(now) <= int(now * 1000) + PROGRESS_SKEW_MS
-    assert pp.tracked()["audio.baseline"] == sum(len(p.detectors[0].entities) for p in pp.partitions.values()) > 0
-    windows = pp.open_windows
-    pp.drop(1)
-    assert 1 not in pp.partitions and 1 not in pp.offsets and pp.open_windows == windows - p1.open_windows
-
-
 def test_the_keeper_restores_a_good_snapshot_and_counts_and_logs_once_a_refused_one(settings, caplog):
-    from agents.ingest import SnapshotKeeper
+    from agents.detect import SnapshotKeeper, UnitHolder
 
-    contracts = load_contracts()
     metrics = WorkerMetrics(CollectorRegistry())
-    ctx = SimpleNamespace(settings=settings, metrics=metrics, contracts=contracts,
-                          processors={"audio": PartitionedProcessor.create(settings, "audio", contracts)})
+    holder = UnitHolder("aggregates", lambda: _unit(settings, "audio"))
+    ctx = SimpleNamespace(settings=settings, metrics=metrics, contracts=load_contracts(), processors={"aggregates": holder})
     keeper = SnapshotKeeper(SimpleNamespace(), ctx)
     good = _snapshot(settings, _fed(settings, "audio", 120), "audio", partition=1, offset=77)
-    assert keeper.load("audio", 1, good)
-    pp = ctx.processors["audio"]
-    assert pp.offsets[1] == 77 and pp.tracked()["audio.baseline"] > 0 and not pp.dirty
-    assert metrics.value("soundcheck_snapshots_restored_total", stream="audio") == 1
+    assert keeper.load("aggregates", 1, good)
+    assert holder.offsets[1] == 77 and holder.tracked()["audio.baseline"] > 0 and not holder.dirty
+    assert metrics.value("soundcheck_snapshots_restored_total", stream="aggregates") == 1
     bad = _rewrite(good, river="0.19.0")
-    with caplog.at_level(logging.WARNING, logger="agents.ingest"):
-        assert not keeper.load("audio", 2, bad)
-        assert not keeper.load("audio", 2, bad)
-        assert not keeper.load("audio", 0, good)  # a snapshot under another partition's key
-    assert metrics.value("soundcheck_snapshots_rejected_total", stream="audio") == 3
+    with caplog.at_level(logging.WARNING, logger="agents.detect"):
+        assert not keeper.load("aggregates", 2, bad)
+        assert not keeper.load("aggregates", 2, bad)
+        assert not keeper.load("aggregates", 0, good)  # a snapshot under another partition's key
+    assert metrics.value("soundcheck_snapshots_rejected_total", stream="aggregates") == 3
     assert sum("River" in r.getMessage() for r in caplog.records) == 1
-    assert 2 not in pp.partitions and 0 not in pp.partitions
+    assert 2 not in holder.partitions and 0 not in holder.partitions
 
 
 def test_the_snapshot_interval_comes_from_the_environment_when_set():
-    from agents.ingest import SNAPSHOT_INTERVAL_S, snapshot_interval
+    from agents.detect import SNAPSHOT_INTERVAL_S, snapshot_interval
 
     assert snapshot_interval({}) == SNAPSHOT_INTERVAL_S == 30
     assert snapshot_interval({"SOUNDCHECK_SNAPSHOT_INTERVAL_S": "1.5"}) == 1.5
@@ -246,8 +242,8 @@ def test_a_restarted_worker_restores_its_detector_state_and_does_not_page_on_its
         truth = asyncio.run(produce(warmup, s, batch=20))
         valid = sum(truth["produced_valid"].values())
         first.wait_for(lambda: _settled(first, valid), timeout=180, what="the warm-up traffic read and flushed")
-        first.wait_for(lambda: all(_sum(first, "soundcheck_snapshots_written_total", stream=st) > 0 for st in ("audio", "behavior", "system")),
-                       timeout=60, what="periodic snapshots of every stream")
+        first.wait_for(lambda: all(_sum(first, "soundcheck_snapshots_written_total", stream=st) > 0 for st in ("aggregates", "fraud")),
+                       timeout=60, what="periodic snapshots of every stage-2 unit")
         learned = {k: v for k, v in first.metrics().items() if k.startswith("soundcheck_tracked_entities")}
         assert sum(learned.values()) > 0
         assert not _pages(first, s)  # normal traffic: nothing to page about (a precondition)
@@ -255,7 +251,7 @@ def test_a_restarted_worker_restores_its_detector_state_and_does_not_page_on_its
         assert first.stop() == 0, first.log_tail()  # SIGTERM: a clean shutdown writes what changed since
 
     stored = asyncio.run(read_latest(kafka_bootstrap, snapshot_topic(s)))
-    assert {k.decode().split(":")[0] for k in stored} == {"audio", "behavior", "system"}
+    assert {k.decode().split(":")[0] for k in stored} == {"aggregates", "fraud"}
     header = snapshots.decode_header(next(iter(stored.values())))[0]
     assert header["river"] == "0.26.1" and header["last_offset"] >= 0
 
