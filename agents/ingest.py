@@ -130,6 +130,13 @@ def register(app: faust.App, ctx: Any) -> None:
                 linger_ms=5, max_request_size=8 * 1024 * 1024,
             )
             await self.producer.start()
+            # the internal topics' real partition counts (created by this or another worker) decide the routing
+            counts = {}
+            for role, name in internal.items():
+                parts = await self.producer.partitions_for(name)
+                counts[role] = len(parts) if parts else k.partitions
+            for ing in ctx.ingest.values():
+                ing.aggregates_partitions, ing.fraud_partitions = counts["aggregates"], counts["fraud"]
             self.consumer = AIOKafkaConsumer(
                 bootstrap_servers=k.bootstrap_servers, group_id=f"{k.app_id}.ingest", client_id=f"{k.app_id}-ingest",
                 enable_auto_commit=False, auto_offset_reset=k.auto_offset_reset, max_partition_fetch_bytes=8 * 1024 * 1024,

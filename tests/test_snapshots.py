@@ -224,6 +224,23 @@ def _pages(worker: WorkerProcess, s) -> list[str]:
             if a["priority"] in ("P0", "P1") or a["detector"] != "behavior.rates"]
 
 
+def _tracked(worker: WorkerProcess) -> dict:
+    return {k: v for k, v in worker.metrics().items() if k.startswith("soundcheck_tracked_entities")}
+
+
+def _steady_tracked(worker: WorkerProcess, settle_s: float = 3.0, timeout: float = 60.0) -> dict:
+    """The tracked entities once stage 2 has taken in the last progress (unchanged for ``settle_s``)."""
+    deadline = time.monotonic() + timeout
+    last = _tracked(worker)
+    while time.monotonic() < deadline:
+        time.sleep(settle_s)
+        now = _tracked(worker)
+        if now == last:
+            return now
+        last = now
+    raise AssertionError(f"the tracked entities kept changing: {last}")
+
+
 def _settled(worker: WorkerProcess, events: int) -> bool:
     """Everything read, the windows flushed, every anomaly through alerting."""
     return (_sum(worker, "soundcheck_events_in_total") >= events and _sum(worker, "soundcheck_open_windows") == 0
@@ -244,7 +261,7 @@ def test_a_restarted_worker_restores_its_detector_state_and_does_not_page_on_its
         first.wait_for(lambda: _settled(first, valid), timeout=180, what="the warm-up traffic read and flushed")
         first.wait_for(lambda: all(_sum(first, "soundcheck_snapshots_written_total", stream=st) > 0 for st in ("aggregates", "fraud")),
                        timeout=60, what="periodic snapshots of every stage-2 unit")
-        learned = {k: v for k, v in first.metrics().items() if k.startswith("soundcheck_tracked_entities")}
+        learned = _steady_tracked(first)
         assert sum(learned.values()) > 0
         assert not _pages(first, s)  # normal traffic: nothing to page about (a precondition)
     finally:

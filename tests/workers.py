@@ -22,5 +22,6 @@ def isolated(settings: Settings, bootstrap: str, unique_name: Callable[[str], st
 def start_worker(s: Settings, tmp_path: Path, name: str = "worker", data: Optional[str] = None,
                  extra: Optional[Mapping[str, str]] = None) -> WorkerProcess:
     """A worker process for ``s``; workers given the same ``data`` name share a data dir."""
+    extra = {"SOUNDCHECK__KAFKA__PARTITIONS": str(s.kafka.partitions), **(extra or {})}
     env = worker_env(s.kafka.bootstrap_servers, s.kafka.app_id, s.topics.__dict__, tmp_path / f"{data or name}-data", extra)
     return WorkerProcess(env, tmp_path / f"{name}.log").start()
