@@ -26,7 +26,7 @@ from .alerting import ServiceGraph, pseudonymize, public_entity
 from .contracts import Contract, Rejection, load_contracts
 from .detectors.base import Anomaly
 from .detectors.stage2 import STREAMS, FraudStage, Stage2
-from .ingest.partials import Partial, PartitionAggregator, Pseudonyms, fraud_rows, stable_partition
+from .ingest.partials import Partial, PartitionAggregator, Pseudonyms, fraud_rows, internal_partition, stable_partition
 from .settings import Settings
 
 PROGRESS_SKEW_MS = 5_000  # a partition's event-time progress never runs ahead of the wall clock by more
@@ -165,7 +165,7 @@ class IngestStage:
         self.sent_progress[partition] = pa.closed_until
         by_part: dict[int, list[Partial]] = {i: [] for i in range(self.aggregates_partitions)}
         for p in partials:
-            by_part[stable_partition(entity_key(p), self.aggregates_partitions)].append(p)
+            by_part[internal_partition(entity_key(p), self.aggregates_partitions)].append(p)
         out = [AggregatesMessage("aggregates", i, encode_partials(self.stream, partition, pa.closed_until, ps, quiet))
                for i, ps in by_part.items()]
         if self.stream == "behavior":  # the fraud stage needs the progress too

@@ -89,16 +89,16 @@ def test_stage1_sums_per_key_and_window_closes_on_the_watermark_and_counts_late_
     s = settings.replace(windows={"aggregate_s": 10, "allowed_lateness_s": 2})
     pa = PartitionAggregator(s, "system", 0)
     users = (np.array([0, 1, 0]), ["u1", "u2"])
-    pa.add_columns("x", ["a", "b"], np.array([0, 0, 1]), np.array([T0, T0 + 9_000, T0 + 1_000]),
+    pa.add_columns("x", ["a", "b"].__getitem__, 2, np.array([0, 0, 1]), np.array([T0, T0 + 9_000, T0 + 1_000]),
                    np.array([[1.0], [3.0], [np.nan]]), np.array([10, 11, 12]), users)
     pa.max_ts = T0 + 9_000
     assert pa.advance() == [] and pa.committable(13) == 10
-    pa.add_columns("x", ["a"], np.array([0]), np.array([T0 + 12_500]), np.array([[5.0]]), np.array([13]))
+    pa.add_columns("x", ["a"].__getitem__, 1, np.array([0]), np.array([T0 + 12_500]), np.array([[5.0]]), np.array([13]))
     closed = {p.key: p for p in pa.advance()}
     assert closed["a"].count == 2 and closed["a"].sums == [4.0] and closed["a"].present == [2.0] and closed["a"].users == 2
     assert closed["b"].present == [0.0]  # NaN means absent, not zero
     assert pa.committable(14) == 13  # the records of the closed window are no longer needed
-    pa.add_columns("x", ["a"], np.array([0]), np.array([T0 + 100]), np.array([[7.0]]), np.array([14]))
+    pa.add_columns("x", ["a"].__getitem__, 1, np.array([0]), np.array([T0 + 100]), np.array([[7.0]]), np.array([14]))
     assert pa.late_events == 1
 
 

@@ -19,7 +19,7 @@ keying (a repartition, as Kafka Streams does it).
 >>> import numpy as np
 >>> from soundcheck.settings import load_settings
 >>> pa = PartitionAggregator(load_settings(environ={}), "behavior", partition=0)
->>> pa.add_columns("behavior.rates", ["BR", "US"], np.array([0, 0, 1]), np.array([1_000, 2_000, 3_000]),
+>>> pa.add_columns("behavior.rates", ["BR", "US"].__getitem__, 2, np.array([0, 0, 1]), np.array([1_000, 2_000, 3_000]),
 ...                np.array([[1.0], [1.0], [1.0]]), offsets=np.array([5, 6, 7]))
 >>> pa.advance(), pa.committable(8)
 ([], 5)
@@ -31,8 +31,9 @@ keying (a repartition, as Kafka Streams does it).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from operator import attrgetter
-from typing import Any, Hashable, Optional, Sequence
+from typing import Any, Callable, Hashable, Optional, Sequence
+
+import zlib
 
 import numpy as np
 
@@ -52,8 +53,6 @@ DENSE_LIMIT = 1 << 20  # group ids up to this are counted with a dense bincount,
 #: which detector reads the partials of each stream (stage 2)
 DETECTORS = {"audio": ("audio.baseline",), "behavior": ("behavior.rates",), "system": ("system.baseline",)}
 
-_AUDIO_COLS = attrgetter("ts", "bitrate_kbps", "requested_bitrate_kbps", "buffering_ratio", "latency_ms",
-                         "buffer_health_percent", "packet_loss_percent", "region", "user_id")
 
 
 @dataclass(slots=True)
@@ -90,7 +89,7 @@ class _Acc:
     count: int
     sums: np.ndarray
     present: np.ndarray
-    users: set
+    users: Optional[set]  # distinct user ids (region windows only; the others are estimated from them)
 
 
 def _intern(column: Sequence[Hashable]) -> tuple[np.ndarray, list[Hashable]]:
@@ -136,9 +135,10 @@ class PartitionAggregator:
         if self.stream == "audio":
             self._add_audio(records, offsets)
         elif self.stream == "behavior":
-            ts = np.fromiter(map(attrgetter("ts"), records), dtype=np.int64, count=n)
+            ts = np.fromiter([r.ts for r in records], dtype=np.int64, count=n)
             codes, keys = _intern([r.country for r in records])
-            etype = np.fromiter(map(EVENT_INDEX.__getitem__, map(attrgetter("event_type"), records)), dtype=np.int64, count=n)
+            index = EVENT_INDEX
+            etype = np.fromiter([index[r.event_type] for r in records], dtype=np.int64, count=n)
             self.add_events("behavior.rates", keys, codes, ts, etype, offsets)
         elif self.stream == "system":
             self._add_system(records, offsets)
@@ -147,28 +147,28 @@ class PartitionAggregator:
 
     def _add_audio(self, records: Sequence[Any], offsets: np.ndarray) -> None:
         n = len(records)
-        ts, bitrate, requested, buffering, latency, health, loss, region, user = zip(*map(_AUDIO_COLS, records))
-        ts_a = np.array(ts, dtype=np.int64)
+        ts = np.fromiter([r.ts for r in records], dtype=np.int64, count=n)
         values = np.empty((n, len(AUDIO_FEATURES)))
+        bitrate = np.fromiter([r.bitrate_kbps for r in records], dtype=np.float64, count=n)
+        requested = np.fromiter([r.requested_bitrate_kbps for r in records], dtype=np.float64, count=n)
         with np.errstate(over="ignore", divide="ignore", invalid="ignore"):  # a tiny request must not make an infinity
-            values[:, 0] = np.clip(np.array(bitrate, dtype=np.float64) / np.array(requested, dtype=np.float64), 0.0, 2.0)
-        values[:, 1] = buffering
-        values[:, 2] = latency
-        values[:, 3] = health
-        values[:, 4] = loss
+            values[:, 0] = np.clip(bitrate / requested, 0.0, 2.0)
+        values[:, 1] = [r.buffering_ratio for r in records]
+        values[:, 2] = [r.latency_ms for r in records]
+        values[:, 3] = [r.buffer_health_percent for r in records]
+        values[:, 4] = [r.packet_loss_percent for r in records]
         values[:, 5] = values[:, 1] > STALL_BUFFERING
-        ucodes, _ = _intern(user)
-        users = (ucodes, list(user))
-        rcodes, regions = _intern(region)
+        rcodes, regions = _intern([r.region for r in records])
+        n_regions = len(regions)
         for dim in self.dimensions:
             if dim == "region":
-                keys = [("region", r, "") for r in regions]
-                codes = rcodes
+                users = _intern([r.user_id for r in records])
+                self.add_columns("audio.baseline", lambda c: ("region", regions[c], ""), n_regions, rcodes, ts, values,
+                                 offsets, users)
             else:
                 vcodes, vals = _intern([getattr(r, dim) for r in records])
-                uniq, codes = np.unique(vcodes * len(regions) + rcodes, return_inverse=True)
-                keys = [(dim, vals[int(p) // len(regions)], regions[int(p) % len(regions)]) for p in uniq.tolist()]
-            self.add_columns("audio.baseline", keys, codes, ts_a, values, offsets, users)
+                self.add_columns("audio.baseline", lambda c, d=dim, v=vals: (d, v[c // n_regions], regions[c % n_regions]),
+                                 len(vals) * n_regions, vcodes * n_regions + rcodes, ts, values, offsets)
 
     def _add_system(self, records: Sequence[Any], offsets: np.ndarray) -> None:
         n = len(records)
@@ -186,9 +186,9 @@ class PartitionAggregator:
                         values = np.concatenate([values, np.full((n, MAX_METRICS), np.nan)], axis=1)
                 values[i, col] = v
         values = values[:, : max(len(names), 1)]
-        ts = np.fromiter(map(attrgetter("ts"), records), dtype=np.int64, count=n)
+        ts = np.fromiter([r.ts for r in records], dtype=np.int64, count=n)
         codes, keys = _intern([(r.service, r.region) for r in records])
-        self.add_columns("system.baseline", keys, codes, ts, values, offsets)
+        self.add_columns("system.baseline", keys.__getitem__, len(keys), codes, ts, values, offsets)
 
     def _groups(self, codes: np.ndarray, ts: np.ndarray, offsets: np.ndarray, n_keys: int) -> Optional[tuple]:
         """Group rows by (key, window); late rows dropped. Returns (row mask, group ids, group count, windows)."""
@@ -214,12 +214,15 @@ class PartitionAggregator:
         gid = codes * nw + widx
         return keep, gid, n_keys * nw, w0, nw
 
-    def add_columns(self, detector: str, keys: Sequence[Hashable], codes: np.ndarray, ts: np.ndarray, values: np.ndarray,
-                    offsets: Optional[np.ndarray] = None, users: Optional[tuple[np.ndarray, list]] = None) -> None:
-        """Add rows of ``values`` (one per record; NaN: missing) for the entities ``keys[codes]``."""
+    def add_columns(self, detector: str, key_of: Callable[[int], Hashable], n_keys: int, codes: np.ndarray, ts: np.ndarray,
+                    values: np.ndarray, offsets: Optional[np.ndarray] = None,
+                    users: Optional[tuple[np.ndarray, list]] = None) -> None:
+        """Add rows of ``values`` (one per record; NaN: missing) for the entities ``key_of(code)``
+        (codes below ``n_keys``); ``users``: (codes, ids) of each row's user, for distinct counts
+        (without it, a window's users are estimated from its region's, see :meth:`advance`)."""
         if offsets is None:
             offsets = np.zeros(len(ts), dtype=np.int64)
-        grouped = self._groups(codes, ts, offsets, len(keys))
+        grouped = self._groups(codes, ts, offsets, n_keys)
         if grouped is None:
             return
         keep, gid, n_groups, w0, nw = grouped
@@ -233,22 +236,29 @@ class PartitionAggregator:
         else:
             uniq = None
         counts = np.bincount(gid, minlength=n_groups)
-        present = ~np.isnan(values)
-        clean = np.where(present, values, 0.0)
         nf = values.shape[1]
         sums = np.empty((n_groups, nf))
-        have = np.empty((n_groups, nf))
-        for j in range(nf):
-            sums[:, j] = np.bincount(gid, weights=clean[:, j], minlength=n_groups)
-            have[:, j] = np.bincount(gid, weights=present[:, j], minlength=n_groups)
+        missing = np.isnan(values)
+        if missing.any():
+            clean = np.where(missing, 0.0, values)
+            have = np.empty((n_groups, nf))
+            for j in range(nf):
+                sums[:, j] = np.bincount(gid, weights=clean[:, j], minlength=n_groups)
+                have[:, j] = np.bincount(gid, weights=~missing[:, j], minlength=n_groups)
+        else:
+            for j in range(nf):
+                sums[:, j] = np.bincount(gid, weights=values[:, j], minlength=n_groups)
+            have = np.repeat(counts[:, None].astype(np.float64), nf, axis=1)
         group_users = self._distinct_users(gid, users, n_groups) if users is not None else {}
+        open_ = self.open
+        size = self.size_ms
         for g in np.flatnonzero(counts).tolist():
             real = int(uniq[g]) if uniq is not None else g
-            key = keys[real // nw]
-            start = w0 + (real % nw) * self.size_ms
-            acc = self.open.get((detector, start, key))
+            start = w0 + (real % nw) * size
+            k = (detector, start, key_of(real // nw))
+            acc = open_.get(k)
             if acc is None:
-                acc = self.open[(detector, start, key)] = _Acc(0, np.zeros(nf), np.zeros(nf), set())
+                acc = open_[k] = _Acc(0, np.zeros(nf), np.zeros(nf), set() if users is not None else None)
             elif acc.sums.shape[0] < nf:  # the system detector met a new metric name
                 acc.sums = np.concatenate([acc.sums, np.zeros(nf - acc.sums.shape[0])])
                 acc.present = np.concatenate([acc.present, np.zeros(nf - acc.present.shape[0])])
@@ -308,7 +318,11 @@ class PartitionAggregator:
             return []
         self.closed_until = limit
         done = sorted((k for k in self.open if k[1] < limit), key=lambda k: (k[1], k[0], str(k[2])))
-        out = [self._partial(k, self.open.pop(k)) for k in done]
+        # users per record of each region's window: what a window of a CDN PoP, device or segment
+        # within that region is estimated to have (distinct counts per dimension cost a sort each)
+        per_record = {(k[0], k[1], k[2][1]): len(acc.users) / acc.count for k in done
+                      if (acc := self.open[k]).users is not None and acc.count and isinstance(k[2], tuple)}
+        out = [self._partial(k, self.open.pop(k), per_record) for k in done]
         for s in [s for s in self.first_offset if s < limit]:
             del self.first_offset[s]
         return out
@@ -320,9 +334,15 @@ class PartitionAggregator:
         top = max(s for _, s, _ in self.open) + self.size_ms
         return self.advance(top)
 
-    def _partial(self, k: tuple[str, int, Hashable], acc: _Acc) -> Partial:
+    def _partial(self, k: tuple[str, int, Hashable], acc: _Acc, per_record: dict) -> Partial:
         detector, start, key = k
-        p = Partial(detector, key, start, acc.count, users=len(acc.users))
+        if acc.users is not None:
+            users = len(acc.users)
+        elif isinstance(key, tuple) and len(key) == 3 and (detector, start, key[2]) in per_record:
+            users = max(1, round(acc.count * per_record[(detector, start, key[2])]))
+        else:
+            users = 0
+        p = Partial(detector, key, start, acc.count, users=users)
         if detector == "system.baseline":
             names = self.metric_names
             p.named = {name: [float(acc.sums[col]), float(acc.present[col])] for name, col in names.items()
@@ -345,8 +365,8 @@ class PartitionAggregator:
 
 
 class Pseudonyms:
-    """Keyed pseudonyms (HMAC-SHA256, :func:`soundcheck.alerting.pseudonymize`) with a bounded
-    cache: a batch holds few distinct users, and each costs one HMAC the first time."""
+    """Keyed pseudonyms (:func:`soundcheck.alerting.pseudonymize`) with a bounded cache: a batch
+    holds few distinct users, and each costs one keyed hash the first time."""
 
     def __init__(self, key: bytes, enabled: bool = True, max_entries: int = 200_000) -> None:
         from ..alerting import pseudonymize
@@ -366,6 +386,16 @@ class Pseudonyms:
         return out
 
 
+def internal_partition(key: str, partitions: int) -> int:
+    """The partition of an internal topic (aggregates, fraud) for ``key``: a stable hash (CRC-32,
+    ten times cheaper than Kafka's murmur2 in pure Python); only soundcheck writes these topics.
+
+    >>> internal_partition("u_0123", 6) == internal_partition("u_0123", 6)
+    True
+    """
+    return zlib.crc32(key.encode()) % partitions
+
+
 def stable_partition(key: str, partitions: int) -> int:
     """The partition Kafka's default partitioner gives ``key`` (murmur2), so the fraud topic's
     keys and partitions agree with what any Kafka client would choose."""
@@ -374,7 +404,6 @@ def stable_partition(key: str, partitions: int) -> int:
     return (murmur2(key.encode()) & 0x7FFFFFFF) % partitions
 
 
-_FRAUD_COLS = attrgetter("ts", "user_id", "event_type", "device_id", "country", "user_segment", "artist_id", "payment_method_id")
 _FRAUD_TYPES = frozenset({"play_start", "play_complete", "payment_attempt", "payment_success", "payment_failure"})
 
 
@@ -392,13 +421,21 @@ def fraud_rows(records: Sequence[Any], closed_until: int, size_ms: int, pseudony
     devices = device_pseudonyms or pseudonyms
     where: dict[str, int] = {}
     offs = offsets if offsets is not None else [0] * len(records)
-    for (ts, user, et, device, country, segment, artist, method), off in zip(map(_FRAUD_COLS, records), offs):
+    kinds = _FRAUD_TYPES
+    for r, off in zip(records, offs):
+        ts = r.ts
         if ts - ts % size_ms < closed_until:
             continue
-        u = pseudonyms(user)
+        u = pseudonyms(r.user_id)
         part = where.get(u)
         if part is None:
-            part = where[u] = stable_partition(u, partitions)
-        out.setdefault(part, []).append([ts, u, et, devices(device), country, segment, artist,
-                                         method if et in _FRAUD_TYPES else None, int(off)])
+            part = where[u] = internal_partition(u, partitions)
+        et = r.event_type
+        row = [ts, u, et, devices(r.device_id), r.country, r.user_segment, r.artist_id,
+               r.payment_method_id if et in kinds else None, off]
+        bucket = out.get(part)
+        if bucket is None:
+            out[part] = [row]
+        else:
+            bucket.append(row)
     return out
