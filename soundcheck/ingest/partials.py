@@ -419,23 +419,22 @@ def fraud_rows(records: Sequence[Any], closed_until: int, size_ms: int, pseudony
     Every event type counts for devices and countries, so every event is forwarded."""
     out: dict[int, list[list]] = {}
     devices = device_pseudonyms or pseudonyms
-    where: dict[str, int] = {}
+    ucache, dcache = pseudonyms._cache, devices._cache  # inlined look-ups: this loop is per record
+    where: dict[str, list] = {}
     offs = offsets if offsets is not None else [0] * len(records)
     kinds = _FRAUD_TYPES
     for r, off in zip(records, offs):
         ts = r.ts
-        if ts - ts % size_ms < closed_until:
+        if ts < closed_until:  # closed_until is a window boundary: the record's window is closed
             continue
-        u = pseudonyms(r.user_id)
-        part = where.get(u)
-        if part is None:
-            part = where[u] = internal_partition(u, partitions)
-        et = r.event_type
-        row = [ts, u, et, devices(r.device_id), r.country, r.user_segment, r.artist_id,
-               r.payment_method_id if et in kinds else None, off]
-        bucket = out.get(part)
+        uid = r.user_id
+        u = ucache.get(uid) or pseudonyms(uid)
+        bucket = where.get(u)
         if bucket is None:
-            out[part] = [row]
-        else:
-            bucket.append(row)
+            part = internal_partition(u, partitions)
+            bucket = where[u] = out.setdefault(part, [])
+        dev = r.device_id
+        et = r.event_type
+        bucket.append([ts, u, et, dcache.get(dev) or devices(dev), r.country, r.user_segment, r.artist_id,
+                       r.payment_method_id if et in kinds else None, off])
     return out
