@@ -35,6 +35,7 @@ from aiokafka.partitioner import murmur2
 from soundcheck.alert_engine import AlertEngine
 from soundcheck.contracts import Rejection
 from soundcheck.detectors.base import Anomaly
+from soundcheck.kafka_admin import TABLES
 
 from .ingest import dead_letter
 
@@ -50,9 +51,10 @@ def partition_of(key: str, partitions: int) -> int:
 def register(app: faust.App, ctx: Any) -> None:
     settings, m = ctx.settings, ctx.metrics
     partitions = settings.kafka.partitions
-    dedup = app.Table("soundcheck-dedup", default=None, partitions=partitions)
-    scopes = app.Table("soundcheck-incidents", default=None, partitions=partitions)
-    control = app.GlobalTable("soundcheck-control", default=None, partitions=partitions)
+    dedup_name, incidents_name, control_name = TABLES  # their changelogs are created with the topics
+    dedup = app.Table(dedup_name, default=None, partitions=partitions)
+    scopes = app.Table(incidents_name, default=None, partitions=partitions)
+    control = app.GlobalTable(control_name, default=None, partitions=partitions)
     engine = AlertEngine(settings, ctx.graph, dedup, scopes, control)
     ctx.engine = engine
     alerts_topic, anomalies_topic, dlq = ctx.topics["alerts"], ctx.topics["anomalies"], ctx.topics["dead_letter"]

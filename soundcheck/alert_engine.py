@@ -87,7 +87,8 @@ class AlertEngine:
 
     def on_anomaly(self, anomaly: Anomaly, emitted_at: int) -> list[dict[str, Any]]:
         """Take one anomaly in. Anomalies of different partitions arrive out of event-time order,
-        so they never move the clock: only :meth:`on_tick` (a watermark) resolves and sends."""
+        so they never move the clock: only :meth:`on_tick` (a watermark) resolves and sends, except
+        that with ``group_wait_s`` 0 a new incident's first notification is sent at once."""
         scope = anomaly.scope or anomaly.region
         st = self._scope(scope)
         step = alert_step(anomaly, self._get_dedup, st, self.settings, self.graph, emitted_at)
@@ -114,8 +115,18 @@ class AlertEngine:
                 state["last_alert"] = {**state["last_alert"], "last_seen": state["last_seen"], "occurrences": state["occurrences"]}
         self.dedup[step.fingerprint] = state
         st.setdefault("now", 0)
+        out: list[dict[str, Any]] = []
+        if step.alert is not None and self.group_wait == 0 and (step.alert["severity"] != "info" or self.notify_info):
+            # no group wait: a new incident's first notification goes out with the anomaly itself
+            inc = step.alert.get("incident_id") or step.fingerprint
+            group = st["pending"][inc]
+            if group["flushed_at"] is None and group["alerts"]:
+                batch = list(group["alerts"].items())
+                group["alerts"] = {}
+                group["flushed_at"] = anomaly.event_time
+                out = self._send(st, inc, batch, max(st["now"], anomaly.event_time), emitted_at)
         self.scopes[scope] = st
-        return []  # nothing is sent on an anomaly: groups wait, and time moves only with ticks
+        return out  # otherwise nothing is sent on an anomaly: groups wait, and time moves only with ticks
 
     def on_tick(self, scope: str, event_time: int, emitted_at: int) -> list[dict[str, Any]]:
         """Event time has reached ``event_time`` for ``scope``: resolve, flush, release what is due."""

@@ -25,15 +25,29 @@ def snapshot_topic(settings: Settings) -> str:
     return settings.kafka.app_id + SNAPSHOT_SUFFIX
 
 
+TABLES = ("soundcheck-dedup", "soundcheck-incidents", "soundcheck-control")  # the worker's Faust tables
+
+
+def changelog_topics(settings: Settings) -> list[str]:
+    """The Faust tables' changelog topics, created up front (compacted, as many partitions as the
+    anomalies topic): a worker that had to create them itself has been seen to wait forever for
+    one it had just created ("Ignoring missing topic ... -changelog")."""
+    return [f"{settings.kafka.app_id}-{name}-changelog" for name in TABLES]
+
+
 def worker_topics(settings: Settings) -> list[str]:
     t = settings.topics
     return [t.audio, t.behavior, t.system, t.alerts, t.dead_letter, t.anomalies, t.control, t.aggregates, t.fraud,
-            snapshot_topic(settings)]
+            snapshot_topic(settings), *changelog_topics(settings)]
 
 
 def topic_config(name: str) -> dict[str, str]:
     """Per-topic configs of the topics we create (the snapshot topic is compacted)."""
-    return dict(SNAPSHOT_TOPIC_CONFIG) if name.endswith(SNAPSHOT_SUFFIX) else {}
+    if name.endswith(SNAPSHOT_SUFFIX):
+        return dict(SNAPSHOT_TOPIC_CONFIG)
+    if name.endswith("-changelog"):
+        return {"cleanup.policy": "compact"}
+    return {}
 
 
 async def ensure_topics_async(

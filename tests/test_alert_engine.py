@@ -105,3 +105,13 @@ def test_state_survives_a_restart_of_the_engine(engine, settings):
     assert [n["notification"] for n in out] == ["new"]
     restarted = AlertEngine(settings, ServiceGraph(settings.services), engine.dedup, engine.scopes, {})
     assert run(restarted, [(t * S, anomaly(t * S)) for t in range(60, 120, 10)]) == []
+
+
+def test_without_a_group_wait_the_first_notification_goes_out_with_the_anomaly(settings):
+    s = settings.replace(windows={"group_wait_s": 0})
+    engine = AlertEngine(s, ServiceGraph(s.services), {}, {}, {})
+    first = engine.on_anomaly(anomaly(10 * S), 10 * S)
+    assert [n["notification"] for n in first] == ["new"]
+    assert engine.on_anomaly(anomaly(20 * S), 20 * S) == []  # the same episode: once
+    later = run(engine, [(t * S, anomaly(t * S)) for t in range(30, 100, 10)])
+    assert [n["notification"] for n in later if n["notification"] == "new"] == []
