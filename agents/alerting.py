@@ -58,7 +58,12 @@ def register(app: faust.App, ctx: Any) -> None:
     engine = AlertEngine(settings, ctx.graph, dedup, scopes, control)
     ctx.engine = engine
     alerts_topic, anomalies_topic, dlq = ctx.topics["alerts"], ctx.topics["anomalies"], ctx.topics["dead_letter"]
-    clocks: dict[int, dict[str, tuple[int, float]]] = {}  # partition -> stream -> (event time, wall time)
+    clocks: dict[int, dict[tuple[str, int], tuple[int, float]]] = {}  # partition -> (stream, source) -> (event time, wall time)
+    first_tick: dict[int, float] = {}
+
+    def stage2_partitions() -> int:
+        ing = next(iter(ctx.ingest.values()), None) if getattr(ctx, "ingest", None) else None
+        return ing.aggregates_partitions if ing is not None else partitions
     reported: dict[str, int] = {}
 
     async def send(notes: list[dict[str, Any]]) -> None:
@@ -71,10 +76,16 @@ def register(app: faust.App, ctx: Any) -> None:
                 reported[outcome] = count
 
     def on_tick(partition: int, doc: dict[str, Any]) -> list[dict[str, Any]]:
+        """The clock of this anomalies partition: the slowest (stream, stage-2 partition) tick, once
+        every stage-2 partition has ticked (each sends its anomalies before its ticks, so every
+        anomaly up to the clock is here); a source silent for a minute of wall time stops counting."""
         wall = time.time()
-        streams = clocks.setdefault(partition, {})
-        streams[str(doc["tick"])] = (int(doc["event_time"]), wall)
-        live = [t for t, seen in streams.values() if wall - seen < STREAM_SILENT_S]
+        sources = clocks.setdefault(partition, {})
+        sources[(str(doc["tick"]), int(doc.get("source", -1)))] = (int(doc["event_time"]), wall)
+        n_sources = len({src for _, src in sources})
+        if n_sources < stage2_partitions() and wall - first_tick.setdefault(partition, wall) < STREAM_SILENT_S:
+            return []
+        live = [t for t, seen in sources.values() if wall - seen < STREAM_SILENT_S]
         now = min(live) if live else int(doc["event_time"])
         notes: list[dict[str, Any]] = []
         for scope in [k for k in list(scopes.keys()) if partition_of(k, partitions) == partition]:

@@ -124,6 +124,7 @@ def register(app: faust.App, ctx: Any) -> None:
     tick_ms = settings.windows.aggregate_s * 1000
     quiet_ms = (settings.windows.group_wait_s + settings.windows.aggregate_s) * 1000
     ticks: dict[tuple[int, str], int] = {}
+    n_anomalies = settings.kafka.partitions
 
     async def emit(anomalies: list, partition: int, unit: Any, quiet: bool = False) -> None:
         for a in anomalies:
@@ -131,7 +132,10 @@ def register(app: faust.App, ctx: Any) -> None:
             await anomalies_topic.send(key=(a.scope or a.region).encode(), value=a.to_json())
         if not isinstance(unit, dict):
             return
-        for stream, st in unit.items():  # event-time ticks for the alerting clock, once per window
+        # event-time ticks for the alerting clock, once per window, to every anomalies partition and
+        # after this partition's anomalies: an alerting agent whose clock is the slowest of all
+        # stage-2 partitions has every anomaly up to it, whatever the interleaving
+        for stream, st in unit.items():
             t = st.event_time()
             if t is None:
                 continue
@@ -139,7 +143,9 @@ def register(app: faust.App, ctx: Any) -> None:
             t -= t % tick_ms
             if t > ticks.get((partition, stream), -(2**62)):
                 ticks[(partition, stream)] = t
-                await anomalies_topic.send(value=orjson.dumps({"tick": stream, "event_time": t}), partition=partition)
+                value = orjson.dumps({"tick": stream, "source": partition, "event_time": t})
+                for target in range(n_anomalies):
+                    await anomalies_topic.send(value=value, partition=target)
 
     def make_agent(holder: UnitHolder, name: str) -> Callable:
         async def agent(stream: faust.StreamT) -> None:
@@ -152,9 +158,9 @@ def register(app: faust.App, ctx: Any) -> None:
                     doc = decode_internal(event.value)
                     unit = holder.get(part)
                     if doc["stream"] == "fraud":
-                        found = unit.add(doc["source"], doc.get("rows", []), doc.get("closed_until"))
+                        found = unit.add(doc["source"], doc.get("rows", []), doc.get("closed_until"), of=doc.get("of"))
                     else:
-                        found = unit[doc["stream"]].add(doc["source"], doc["partials"], doc.get("closed_until"))
+                        found = unit[doc["stream"]].add(doc["source"], doc["partials"], doc.get("closed_until"), of=doc.get("of"))
                         for a in found:
                             publish(a, settings)
                     holder.done(part, offset)

@@ -105,8 +105,10 @@ def register(app: faust.App, ctx: Any) -> None:
         producer: Any = None
 
         def __post_init__(self) -> None:
+            ctx.ingest_service = self
             self.lock = asyncio.Lock()
             self.next_offset: dict[Any, int] = {}
+            self.start_offset: dict[Any, int] = {}  # where reading began after the assignment (the commit)
             self.last_commit = 0.0
             self.last_records = time.time()
             self.pending_flush = False
@@ -135,8 +137,10 @@ def register(app: faust.App, ctx: Any) -> None:
             for role, name in internal.items():
                 parts = await self.producer.partitions_for(name)
                 counts[role] = len(parts) if parts else k.partitions
-            for ing in ctx.ingest.values():
+            for stream, ing in ctx.ingest.items():
                 ing.aggregates_partitions, ing.fraud_partitions = counts["aggregates"], counts["fraud"]
+                parts = await self.producer.partitions_for(inputs[stream])
+                ing.input_partitions = len(parts) if parts else 0  # stage 2 waits for all of them
             self.consumer = AIOKafkaConsumer(
                 bootstrap_servers=k.bootstrap_servers, group_id=f"{k.app_id}.ingest", client_id=f"{k.app_id}-ingest",
                 enable_auto_commit=False, auto_offset_reset=k.auto_offset_reset, max_partition_fetch_bytes=8 * 1024 * 1024,
@@ -169,6 +173,7 @@ def register(app: faust.App, ctx: Any) -> None:
                 for tp in revoked:
                     ctx.ingest[by_topic[tp.topic]].drop(tp.partition)
                     self.next_offset.pop(tp, None)
+                    self.start_offset.pop(tp, None)
 
         async def on_assigned(self, assigned: Any) -> None:
             async with self.lock:
@@ -180,6 +185,7 @@ def register(app: faust.App, ctx: Any) -> None:
                     closed = _closed_until(getattr(meta, "metadata", None)) if meta is not None and meta.offset >= 0 else -(2**62)
                     ing.get(tp.partition, closed)
                     ing.sent_progress[tp.partition] = closed
+                    self.start_offset[tp] = meta.offset if meta is not None and meta.offset >= 0 else 0
                 log.info("soundcheck.ingest: assigned %d input partitions", len(assigned))
 
         # -- the loop -------------------------------------------------------------------------
@@ -258,8 +264,9 @@ def register(app: faust.App, ctx: Any) -> None:
             await self.commit()
 
         def _caught_up(self, tp: Any) -> bool:
+            """Nothing more to read on ``tp`` (an empty partition included) as of the last fetch."""
             hw = self.consumer.highwater(tp)
-            nxt = self.next_offset.get(tp)
+            nxt = self.next_offset.get(tp, self.start_offset.get(tp))
             return hw is not None and nxt is not None and nxt >= hw
 
         async def send_all(self, msgs: list[AggregatesMessage]) -> list[asyncio.Future]:

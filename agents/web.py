@@ -16,10 +16,14 @@ def register(app: faust.App, ctx: Any) -> None:
     @app.page("/health")
     async def health(web: faust.web.View, request: faust.web.Request) -> faust.web.Response:
         assigned = app.consumer.assignment() if app.consumer else set()
+        ingest = ctx.ingest_service.consumer if getattr(ctx, "ingest_service", None) is not None else None
+        inputs = len(ingest.assignment()) if ingest is not None else 0
         body = {
             "status": "ok",
             "app_id": ctx.settings.kafka.app_id,
-            "assigned_partitions": len(assigned),
+            "assigned_partitions": len(assigned),  # Faust's: the internal topics and tables
+            "input_partitions": inputs,  # the ingest consumer's: the input topics
             "rebalancing": bool(app.rebalancing),
+            "ready": bool(assigned) and inputs > 0 and not app.rebalancing,
         }
         return web.json(body)

@@ -420,7 +420,7 @@ def wait_ready(proc: WorkerProcess, timeout: float = READY_TIMEOUT_S) -> None:
         if proc.proc and proc.proc.poll() is not None:
             raise RuntimeError(f"{proc.log_path.stem} exited with code {proc.proc.returncode}; its log:\n{proc.log_tail()}")
         h = proc.health()
-        if h and h.get("assigned_partitions", 0) > 0 and not h.get("rebalancing"):
+        if h and h.get("ready", h.get("assigned_partitions", 0) > 0 and not h.get("rebalancing")):
             return
         time.sleep(POLL_S)
     raise TimeoutError(f"{proc.log_path.stem} was not ready within {timeout:.0f} s; its log:\n{proc.log_tail()}")

@@ -29,9 +29,16 @@ import uuid
 from collections import Counter
 from typing import Any, Mapping, MutableMapping, Optional
 
+import orjson
+
 from .alerting import ServiceGraph, alert_step, dedup_sweep_due, expired
 from .detectors.base import Anomaly
 from .settings import Settings
+
+def _order(doc: Mapping[str, Any]) -> tuple:
+    """The order anomalies of one event time are taken in: stable whatever their arrival."""
+    return (doc["event_time"], doc["detector"], doc["kind"], sorted(doc["entity"].items()), doc["window_start"])
+
 
 MAX_HELD = 200  # held-back fingerprints remembered per scope
 MAX_PENDING = 100  # alerts waiting in one group
@@ -87,12 +94,50 @@ class AlertEngine:
 
     def on_anomaly(self, anomaly: Anomaly, emitted_at: int) -> list[dict[str, Any]]:
         """Take one anomaly in. Anomalies of different partitions arrive out of event-time order,
-        so they never move the clock: only :meth:`on_tick` (a watermark) resolves and sends, except
-        that with ``group_wait_s`` 0 a new incident's first notification is sent at once."""
+        so they never move the clock: the anomaly waits in its scope's inbox until a tick passes
+        its event time, and is then taken in event-time order (:meth:`on_tick`), so that the same
+        anomalies give the same notifications however they were interleaved and batched. One
+        that arrives after the clock has passed it is taken at once."""
         scope = anomaly.scope or anomaly.region
         st = self._scope(scope)
+        if anomaly.event_time <= st.get("now", -(2**62)):
+            out = self._take(anomaly, scope, st, emitted_at)
+        else:
+            st.setdefault("inbox", []).append(orjson.loads(anomaly.to_json()))
+            out = []
+        self.scopes[scope] = st
+        return out
+
+    def on_tick(self, scope: str, event_time: int, emitted_at: int) -> list[dict[str, Any]]:
+        """Event time has reached ``event_time`` for ``scope``: take the waiting anomalies up to it in
+        event-time order, moving the clock to each one's time first; then resolve, flush and release
+        what is due."""
+        st = self.scopes.get(scope)
+        if not st:
+            return []
+        st = copy.deepcopy(dict(st))
+        if event_time <= st.get("now", 0):
+            return []
+        out: list[dict[str, Any]] = []
+        inbox = st.pop("inbox", [])
+        ready = sorted((a for a in inbox if a["event_time"] <= event_time), key=_order)
+        st["inbox"] = [a for a in inbox if a["event_time"] > event_time]
+        for doc in ready:
+            if doc["event_time"] > st.get("now", 0):
+                st["now"] = doc["event_time"]
+                out += self._advance(scope, st, emitted_at)
+            out += self._take(Anomaly.from_json(doc), scope, st, emitted_at)
+        st["now"] = event_time
+        out += self._advance(scope, st, emitted_at)
+        self.scopes[scope] = st
+        return out
+
+    def _take(self, anomaly: Anomaly, scope: str, st: dict[str, Any], emitted_at: int) -> list[dict[str, Any]]:
+        """Classify, correlate and dedup one anomaly into ``st`` (changed in place)."""
         step = alert_step(anomaly, self._get_dedup, st, self.settings, self.graph, emitted_at)
-        st = step.region_state
+        new_state = dict(step.region_state)
+        st.clear()
+        st.update(new_state)
         state = step.dedup_state
         state["scope"] = scope
         st.setdefault("open", {})[step.fingerprint] = anomaly.event_time
@@ -115,7 +160,6 @@ class AlertEngine:
                 state["last_alert"] = {**state["last_alert"], "last_seen": state["last_seen"], "occurrences": state["occurrences"]}
         self.dedup[step.fingerprint] = state
         st.setdefault("now", 0)
-        out: list[dict[str, Any]] = []
         if step.alert is not None and self.group_wait == 0 and (step.alert["severity"] != "info" or self.notify_info):
             # no group wait: a new incident's first notification goes out with the anomaly itself
             inc = step.alert.get("incident_id") or step.fingerprint
@@ -124,22 +168,8 @@ class AlertEngine:
                 batch = list(group["alerts"].items())
                 group["alerts"] = {}
                 group["flushed_at"] = anomaly.event_time
-                out = self._send(st, inc, batch, max(st["now"], anomaly.event_time), emitted_at)
-        self.scopes[scope] = st
-        return out  # otherwise nothing is sent on an anomaly: groups wait, and time moves only with ticks
-
-    def on_tick(self, scope: str, event_time: int, emitted_at: int) -> list[dict[str, Any]]:
-        """Event time has reached ``event_time`` for ``scope``: resolve, flush, release what is due."""
-        st = self.scopes.get(scope)
-        if not st:
-            return []
-        st = copy.deepcopy(dict(st))
-        if event_time <= st.get("now", 0):
-            return []
-        st["now"] = event_time
-        out = self._advance(scope, st, emitted_at)
-        self.scopes[scope] = st
-        return out
+                return self._send(st, inc, batch, max(st["now"], anomaly.event_time), emitted_at)
+        return []
 
     # -- internals ------------------------------------------------------------------------------
 

@@ -69,7 +69,7 @@ class WorkerProcess:
             if self.proc and self.proc.poll() is not None:
                 raise RuntimeError(f"the worker exited with code {self.proc.returncode}; its log:\n{self.log_tail()}")
             h = self.health()
-            if h and h.get("assigned_partitions", 0) > 0 and not h.get("rebalancing"):
+            if h and h.get("ready", h.get("assigned_partitions", 0) > 0 and not h.get("rebalancing")):
                 return h
             time.sleep(0.25)
         raise TimeoutError(f"the worker was not ready within {timeout} s; its log:\n{self.log_tail()}")

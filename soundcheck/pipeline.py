@@ -60,14 +60,17 @@ class AggregatesMessage:
     value: bytes
 
 
-def encode_partials(stream: str, source: int, closed_until: int, partials: Sequence[Partial], quiet: bool = False) -> bytes:
-    """``quiet``: the stream went quiet (stage 1 flushed): the alerting clock may move on."""
-    return orjson.dumps({"stream": stream, "source": source, "closed_until": closed_until, "quiet": quiet,
+def encode_partials(stream: str, source: int, closed_until: int, partials: Sequence[Partial], quiet: bool = False,
+                    of: int = 0) -> bytes:
+    """``quiet``: the stream went quiet (stage 1 flushed): the alerting clock may move on; ``of``:
+    the input topic's partition count (stage 2 waits for every partition's progress)."""
+    return orjson.dumps({"stream": stream, "source": source, "of": of, "closed_until": closed_until, "quiet": quiet,
                          "partials": [p.to_wire() for p in partials]}, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
-def encode_rows(source: int, closed_until: int, rows: Sequence[Sequence[Any]], quiet: bool = False) -> bytes:
-    return orjson.dumps({"stream": "fraud", "source": source, "closed_until": closed_until, "quiet": quiet, "rows": rows})
+def encode_rows(source: int, closed_until: int, rows: Sequence[Sequence[Any]], quiet: bool = False, of: int = 0) -> bytes:
+    return orjson.dumps({"stream": "fraud", "source": source, "of": of, "closed_until": closed_until, "quiet": quiet,
+                         "rows": rows})
 
 
 def decode_internal(value: bytes) -> dict[str, Any]:
@@ -96,6 +99,7 @@ class IngestStage:
         self.contract = contract or load_contracts()[stream]
         self.aggregates_partitions = aggregates_partitions
         self.fraud_partitions = fraud_partitions
+        self.input_partitions = 0  # the input topic's partition count (0: unknown), told to stage 2
         self.parts: dict[int, PartitionAggregator] = {}
         self.sent_progress: dict[int, int] = {}
         self.pseudonyms = Pseudonyms(settings.pseudonym_key, bool(settings.privacy.get("pseudonymize_user_ids", True)))
@@ -124,7 +128,8 @@ class IngestStage:
         if records and self.stream == "behavior":
             rows = fraud_rows(records, pa.closed_until, pa.size_ms, self.pseudonyms, self.fraud_partitions, self.devices,
                               offsets.tolist() if offsets is not None else None)
-            out.extend(AggregatesMessage("fraud", part, encode_rows(partition, pa.closed_until, r)) for part, r in sorted(rows.items()))
+            out.extend(AggregatesMessage("fraud", part, encode_rows(partition, pa.closed_until, r, of=self.input_partitions))
+                       for part, r in sorted(rows.items()))
         pa.add(records, offsets)
         now = time.time() if now is None else now
         wm = pa.watermark()
@@ -166,10 +171,11 @@ class IngestStage:
         by_part: dict[int, list[Partial]] = {i: [] for i in range(self.aggregates_partitions)}
         for p in partials:
             by_part[internal_partition(entity_key(p), self.aggregates_partitions)].append(p)
-        out = [AggregatesMessage("aggregates", i, encode_partials(self.stream, partition, pa.closed_until, ps, quiet))
+        of = self.input_partitions
+        out = [AggregatesMessage("aggregates", i, encode_partials(self.stream, partition, pa.closed_until, ps, quiet, of))
                for i, ps in by_part.items()]
         if self.stream == "behavior":  # the fraud stage needs the progress too
-            out.extend(AggregatesMessage("fraud", i, encode_rows(partition, pa.closed_until, [], quiet))
+            out.extend(AggregatesMessage("fraud", i, encode_rows(partition, pa.closed_until, [], quiet, of))
                        for i in range(self.fraud_partitions))
         return out
 
@@ -203,8 +209,8 @@ class DetectStage:
 
     def on_message(self, doc: dict[str, Any], now: Optional[float] = None) -> list[Anomaly]:
         if doc["stream"] == "fraud":
-            return self.fraud.add(doc["source"], doc.get("rows", []), doc.get("closed_until"), now)
-        out = self.stages[doc["stream"]].add(doc["source"], doc["partials"], doc.get("closed_until"), now)
+            return self.fraud.add(doc["source"], doc.get("rows", []), doc.get("closed_until"), now, doc.get("of"))
+        out = self.stages[doc["stream"]].add(doc["source"], doc["partials"], doc.get("closed_until"), now, doc.get("of"))
         for a in out:  # nothing leaves detection with a raw user or device id
             publish(a, self.settings)
         return out
@@ -275,6 +281,8 @@ class OfflinePipeline:
         self.engine = AlertEngine(self.settings, self.graph, self.dedup, self.scopes, self.control)
         self.ingest = {s: IngestStage(self.settings, s, contracts[s], self.aggregates_partitions, self.aggregates_partitions)
                        for s in STREAMS}
+        for ing in self.ingest.values():
+            ing.input_partitions = self.partitions
         self.detect = [DetectStage(self.settings, idle_s=float("inf")) for _ in range(self.aggregates_partitions)]
         self.queues: dict[tuple[str, int], list[bytes]] = {}
         self.offsets: dict[tuple[str, int], int] = {}

@@ -31,6 +31,7 @@ class WorkerContext:
     topics: dict[str, Any] = field(default_factory=dict)  # faust topics by role
     processors: dict[str, Any] = field(default_factory=dict)  # role (aggregates, fraud) -> agents.detect.UnitHolder
     ingest: dict[str, Any] = field(default_factory=dict)  # stream -> soundcheck.pipeline.IngestStage (stage 1)
+    ingest_service: Any = None  # agents.ingest.IngestService, once started
     snapshots: Any = None  # agents.detect.SnapshotKeeper: stage-2 state snapshots per partition
 
 

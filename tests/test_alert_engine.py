@@ -110,8 +110,28 @@ def test_state_survives_a_restart_of_the_engine(engine, settings):
 def test_without_a_group_wait_the_first_notification_goes_out_with_the_anomaly(settings):
     s = settings.replace(windows={"group_wait_s": 0})
     engine = AlertEngine(s, ServiceGraph(s.services), {}, {}, {})
-    first = engine.on_anomaly(anomaly(10 * S), 10 * S)
+    assert engine.on_anomaly(anomaly(10 * S), 10 * S) == []  # it waits for the clock (a tick) to pass it
+    first = engine.on_tick("BR", 10 * S, 10 * S)
     assert [n["notification"] for n in first] == ["new"]
-    assert engine.on_anomaly(anomaly(20 * S), 20 * S) == []  # the same episode: once
+    engine.on_anomaly(anomaly(20 * S), 20 * S)
+    assert engine.on_tick("BR", 20 * S, 20 * S) == []  # the same episode: once
     later = run(engine, [(t * S, anomaly(t * S)) for t in range(30, 100, 10)])
     assert [n["notification"] for n in later if n["notification"] == "new"] == []
+
+
+def test_anomalies_arriving_in_any_order_before_a_tick_give_the_same_notifications(settings):
+    def notes(order):
+        engine = AlertEngine(settings, ServiceGraph(settings.services), {}, {}, {})
+        events = [anomaly(t * S, node=node, region="BR") for t in range(0, 120, 10) for node in ("cdn", "audio_streaming")]
+        out = []
+        for i in range(0, len(events), 8):  # arrive in batches, shuffled within each
+            chunk = events[i:i + 8]
+            for a in (chunk if order == "forward" else chunk[::-1]):
+                out += engine.on_anomaly(a, 0)
+            out += engine.on_tick("BR", max(a.event_time for a in chunk), 0)
+        for t in range(130, 400, 10):
+            out += engine.on_tick("BR", t * S, 0)
+        return [{k: v for k, v in n.items() if k not in ("alert_id", "emitted_at")} for n in out]
+
+    forward = notes("forward")
+    assert forward and forward == notes("backward")

@@ -44,18 +44,28 @@ class SourceProgress:
     def __init__(self, idle_s: float = IDLE_PARTITION_S) -> None:
         self.idle_s = idle_s
         self.marks: dict[int, tuple[int, float]] = {}  # input partition -> (closed until, wall time it last advanced)
+        self.expected = 0  # the input topic's partition count, as stage 1 says it
+        self.first_seen: Optional[float] = None
 
-    def update(self, partition: int, closed_until: int, now: Optional[float] = None) -> None:
+    def update(self, partition: int, closed_until: int, now: Optional[float] = None, of: Optional[int] = None) -> None:
         now = time.time() if now is None else now
+        if of:
+            self.expected = int(of)
+        if self.first_seen is None:
+            self.first_seen = now
         old = self.marks.get(partition)
         if old is None or closed_until > old[0]:
             self.marks[partition] = (closed_until, now)
 
     def watermark(self, now: Optional[float] = None) -> Optional[int]:
-        """The slowest active partition's progress (all idle: the furthest one's)."""
+        """The slowest active partition's progress (all idle: the furthest one's). Until every
+        partition of the input topic has reported, nothing is complete (a backlog read starts
+        with one partition's progress), unless they stay silent for ``idle_s``."""
         if not self.marks:
             return None
         now = time.time() if now is None else now
+        if len(self.marks) < self.expected and now - (self.first_seen or now) < self.idle_s:
+            return None
         active = [c for c, wall in self.marks.values() if now - wall < self.idle_s]
         if active:
             # a partition idle but ahead does not matter; one idle and behind is left out
@@ -89,8 +99,9 @@ class Stage2:
         self.sources: dict[tuple, set[int]] = {}  # (detector, window start, key) -> input partitions merged
 
     def add(self, source_partition: int, partials: Sequence[Any], closed_until: Optional[int],
-            now: Optional[float] = None) -> list[Anomaly]:
-        """One input partition's partials and progress; returns the anomalies of the windows that completed."""
+            now: Optional[float] = None, of: Optional[int] = None) -> list[Anomaly]:
+        """One input partition's partials and progress (``of``: the input topic's partition
+        count); returns the anomalies of the windows that completed."""
         for p in partials:
             det = self._by_name.get(p.detector)
             if det is None:
@@ -104,7 +115,7 @@ class Stage2:
             else:
                 self.late_partials += 1
         if closed_until is not None:
-            self.progress.update(source_partition, closed_until, now)
+            self.progress.update(source_partition, closed_until, now, of)
         return self.advance(now)
 
     def advance(self, now: Optional[float] = None) -> list[Anomaly]:
@@ -181,7 +192,7 @@ class FraudStage:
         self.offsets: dict[int, int] = {}  # input partition -> the highest source offset of a row taken
 
     def add(self, source_partition: int, rows: Sequence[Sequence[Any]], closed_until: Optional[int],
-            now: Optional[float] = None) -> list[Anomaly]:
+            now: Optional[float] = None, of: Optional[int] = None) -> list[Anomaly]:
         top = self.offsets.get(source_partition, -1)
         for row in rows:
             if len(row) > 8 and row[8] <= top:  # read again after a restart of its partition
@@ -193,7 +204,7 @@ class FraudStage:
         if rows and len(rows[-1]) > 8:
             self.offsets[source_partition] = max(top, max(int(r[8]) for r in rows))
         if closed_until is not None:
-            self.progress.update(source_partition, closed_until, now)
+            self.progress.update(source_partition, closed_until, now, of)
         return self.advance(now)
 
     def advance(self, now: Optional[float] = None, until: Optional[int] = None) -> list[Anomaly]:
