@@ -1,6 +1,6 @@
 """The alerting agent (anomalies and event-time ticks -> notifications) and the control agent.
 
-The lifecycle itself is :class:`soundcheck.alert_engine.AlertEngine`; this module only wires it
+The lifecycle itself is :class:`soundcheck.alerting.engine.AlertEngine`; this module only wires it
 to Faust. Its state lives in changelogged tables co-partitioned with the anomalies topic (keyed
 by correlation scope), so a restarted or rebalanced worker neither forgets open alerts nor
 notifies them again:
@@ -32,10 +32,10 @@ import faust
 import orjson
 from aiokafka.partitioner import murmur2
 
-from soundcheck.alert_engine import AlertEngine
-from soundcheck.contracts import Rejection
+from soundcheck.alerting.engine import AlertEngine
+from soundcheck.ingest.contracts import Rejection
 from soundcheck.detectors.base import Anomaly
-from soundcheck.kafka_admin import TABLES
+from soundcheck.kafka.admin import TABLES
 
 from .ingest import dead_letter
 

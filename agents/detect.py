@@ -31,9 +31,9 @@ import faust
 import orjson
 
 from soundcheck import snapshots
-from soundcheck.contracts import Rejection
+from soundcheck.ingest.contracts import Rejection
 from soundcheck.detectors.stage2 import STREAMS, FraudStage, Stage2
-from soundcheck.kafka_admin import SNAPSHOT_MAX_BYTES, read_latest, snapshot_topic
+from soundcheck.kafka.admin import SNAPSHOT_MAX_BYTES, read_latest, snapshot_topic
 from soundcheck.pipeline import decode_internal, publish
 
 from .ingest import dead_letter

@@ -4,7 +4,7 @@ Faust's per-event stream costs 23-45 µs a message whatever the agent does, whic
 near 25,000-40,000 single-record messages/s. The input topics are therefore read by
 :class:`IngestService`, a ``mode.Service`` started with the Faust app that runs its own aiokafka
 consumer (group ``<app_id>.ingest``) and reads ``getmany`` batches: per batch, each message is
-decoded (:mod:`soundcheck.contracts`), each rejected record goes to the dead-letter topic, and the
+decoded (:mod:`soundcheck.ingest.contracts`), each rejected record goes to the dead-letter topic, and the
 good records of each partition become partial aggregates (:class:`soundcheck.pipeline.IngestStage`).
 When a partition's watermark closes a window, its partials go to the internal aggregates topic
 (keyed by entity) and its behaviour rows to the fraud topic (keyed by pseudonymised user), each
@@ -30,7 +30,7 @@ import mode
 import numpy as np
 import orjson
 
-from soundcheck.contracts import Rejection
+from soundcheck.ingest.contracts import Rejection
 from soundcheck.pipeline import STREAMS, AggregatesMessage, IngestStage
 
 log = logging.getLogger(__name__)

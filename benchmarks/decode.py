@@ -3,7 +3,7 @@
 ``python -m benchmarks.decode [--seconds S] [--repeats R]``. Not a test: it prints figures. The
 simulator's valid records of each stream (no incident scenarios) are encoded two ways, as the
 Kafka message values the worker reads: one JSON object per message, and JSON arrays of 100
-records. Each row times :meth:`soundcheck.contracts.Contract.decode` (parse, validate, build the
+records. Each row times :meth:`soundcheck.ingest.contracts.Contract.decode` (parse, validate, build the
 records) over all messages, and plain ``orjson.loads`` over the very same bytes (parse only, no
 validation, dicts instead of records) for scale; the median of R repeats.
 """
@@ -18,8 +18,8 @@ from typing import Callable
 
 import orjson
 
-from soundcheck.contracts import load_contracts
-from soundcheck.simulator import Simulator
+from soundcheck.ingest.contracts import load_contracts
+from soundcheck.evaluation.simulator import Simulator
 
 T0 = 1_700_000_000_000
 STREAMS = ("audio", "behavior", "system")

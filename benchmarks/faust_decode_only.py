@@ -6,14 +6,14 @@ and counting the records (the elements of a JSON array, or 1). No validation, no
 batching: what any faust-streaming consumer of these topics costs at the least.
 
 Run as a process, like the worker, with the same environment as
-:func:`soundcheck.harness.worker_env` builds::
+:func:`soundcheck.evaluation.harness.worker_env` builds::
 
     KAFKA_BOOTSTRAP_SERVERS=127.0.0.1:9092 SOUNDCHECK__KAFKA__APP_ID=decode-1 \\
     SOUNDCHECK__TOPICS__AUDIO=... SOUNDCHECK__TOPICS__BEHAVIOR=... SOUNDCHECK__TOPICS__SYSTEM=... \\
     SOUNDCHECK__WORKER__WEB_PORT=6070 SOUNDCHECK_DATA_DIR=/tmp/decode python benchmarks/faust_decode_only.py
 
 It serves ``/health`` (``assigned_partitions``, ``rebalancing``: the shape the worker's has, so
-:meth:`soundcheck.harness.WorkerProcess.wait_ready` works) and ``/metrics`` with
+:meth:`soundcheck.evaluation.harness.WorkerProcess.wait_ready` works) and ``/metrics`` with
 ``faust_decode_only_records_total{topic="..."}``. Only faust and orjson are imported, so it runs
 by path from anywhere.
 """

@@ -6,7 +6,7 @@ The simulator's traffic (all three streams, incidents included) is encoded once 
 values, single-record and 100-record arrays, then timed stage by stage, exactly as the worker
 runs them:
 
-* decode: :meth:`soundcheck.contracts.Contract.decode` of every message value;
+* decode: :meth:`soundcheck.ingest.contracts.Contract.decode` of every message value;
 * stage 1: :meth:`soundcheck.pipeline.IngestStage.process` (numpy columns, partial aggregates,
   fraud rows, the messages for the internal topics), per input partition batch;
 * stage 2: :meth:`soundcheck.pipeline.DetectStage.on_message` on what stage 1 sent (merging,
@@ -27,7 +27,7 @@ import numpy as np
 from soundcheck.detectors.stage2 import STREAMS
 from soundcheck.pipeline import DetectStage, IngestStage, decode_internal
 from soundcheck.settings import load_settings
-from soundcheck.simulator import Simulator, encode
+from soundcheck.evaluation.simulator import Simulator, encode
 
 T0 = 1_700_000_000_000
 POLL_RECORDS = 5_000  # records per simulated getmany batch

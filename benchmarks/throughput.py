@@ -17,7 +17,7 @@ a. a bare aiokafka consumer (no group) that ``orjson.loads`` every value and cou
    events/s from the first record read to the last;
 b. a stock faust-streaming app that only decodes (``benchmarks/faust_decode_only.py``, its own
    process, fresh consumer group): one agent per topic, ``async for value in stream``;
-c. the real worker (``python -m soundcheck worker`` via :class:`soundcheck.harness.WorkerProcess`,
+c. the real worker (``python -m soundcheck worker`` via :class:`soundcheck.evaluation.harness.WorkerProcess`,
    fresh app id, consumer group and data dir).
 
 For b and c, events/s = records read after the process was ready (partitions assigned) / time
@@ -66,11 +66,11 @@ import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.partitioner import murmur2
 
-from soundcheck import kafka_local
-from soundcheck.harness import WorkerProcess, worker_env
-from soundcheck.kafka_admin import ensure_topics_async, worker_topics
+from soundcheck.kafka import local as kafka_local
+from soundcheck.evaluation.harness import WorkerProcess, worker_env
+from soundcheck.kafka.admin import ensure_topics_async, worker_topics
 from soundcheck.settings import Settings, load_settings
-from soundcheck.simulator import Simulator
+from soundcheck.evaluation.simulator import Simulator
 
 BATCH = 100  # records per message in batched mode
 SEED = 1

@@ -23,7 +23,7 @@ import urllib.request
 
 from aiokafka import AIOKafkaConsumer
 
-from soundcheck.interop import to_alertmanager_webhook, to_pagerduty_event
+from soundcheck.alerting.interop import to_alertmanager_webhook, to_pagerduty_event
 
 PAGE_PRIORITIES = ("P0", "P1")
 

@@ -1,6 +1,6 @@
 """``python -m soundcheck``: the same as the ``soundcheck`` command."""
 
-from .cli import main
+from soundcheck.cli import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

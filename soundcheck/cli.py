@@ -11,8 +11,8 @@ from typing import Optional, Sequence
 
 import orjson
 
-from . import kafka_local
-from .settings import SettingsError, load_settings
+from soundcheck.kafka import local as kafka_local
+from soundcheck.settings import SettingsError, load_settings
 
 
 def _settings(args: argparse.Namespace):
@@ -24,9 +24,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     from streams.app import create_app
 
-    from .kafka_admin import ensure_topics
+    from soundcheck.kafka.admin import ensure_topics
 
-    from .settings import DEVELOPMENT_PSEUDONYM_KEY
+    from soundcheck.settings import DEVELOPMENT_PSEUDONYM_KEY
 
     settings = _settings(args)
     if settings.pseudonym_key == DEVELOPMENT_PSEUDONYM_KEY:
@@ -66,9 +66,9 @@ def use_uvloop(environ: Optional[dict] = None) -> bool:
 def cmd_simulate(args: argparse.Namespace) -> int:
     import time
 
-    from .kafka_admin import ensure_topics
-    from .produce import produce, stderr_progress
-    from .simulator import Simulator
+    from soundcheck.kafka.admin import ensure_topics
+    from soundcheck.evaluation.produce import produce, stderr_progress
+    from soundcheck.evaluation.simulator import Simulator
 
     settings = _settings(args)
     start_ms = int(time.time() * 1000) if args.realtime else (int(time.time()) - args.duration - 60) * 1000
@@ -82,7 +82,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from soundcheck.evaluation.demo import run_demo
 
     return run_demo(_settings(args), rate=args.rate, duration_s=args.duration, seed=args.seed, batch=args.batch)
 
@@ -128,14 +128,14 @@ def build_parser() -> argparse.ArgumentParser:
     en.add_argument("--out", required=True, help="results folder: <category>/soundcheck_<file>.csv")
     en.add_argument("--windows", help="NAB labels JSON (combined_windows.json): also print the NAB scores")
     en.add_argument("--profiles", help="NAB scoring profiles JSON (default: the standard NAB weights)")
-    en.set_defaults(func=lambda a: __import__("soundcheck.nab", fromlist=["cli_main"]).cli_main(a))
+    en.set_defaults(func=lambda a: __import__("soundcheck.evaluation.nab", fromlist=["cli_main"]).cli_main(a))
     es = esub.add_parser("scenarios", help="run the simulator's scenarios through detection and alerting, no broker")
     es.add_argument("--seeds", default="1,2,3", help="comma-separated simulator seeds (default 1,2,3)")
     es.add_argument("--rate", type=float, default=150.0)
     es.add_argument("--duration", type=int, default=900)
     es.add_argument("--magnitude", type=float, default=1.0)
     es.add_argument("--json", help="also write the full report to this JSON file")
-    es.set_defaults(func=lambda a: __import__("soundcheck.scenario_eval", fromlist=["cli_main"]).cli_main(a))
+    es.set_defaults(func=lambda a: __import__("soundcheck.evaluation.scenarios", fromlist=["cli_main"]).cli_main(a))
 
     kafka_local.add_cli(sub)
     return p

@@ -1,7 +1,7 @@
 """The worker's processing, free of Faust and Kafka: decode, stage 1, stage 2, alert.
 
 * :class:`IngestStage` is stage 1 of one input stream over the input partitions a worker reads:
-  decode (:mod:`soundcheck.contracts`), partial aggregates (:mod:`soundcheck.ingest.partials`),
+  decode (:mod:`soundcheck.ingest.contracts`), partial aggregates (:mod:`soundcheck.ingest.partials`),
   and the messages for the internal topics: partials keyed by entity for the aggregates topic,
   behaviour rows keyed by pseudonymised user for the fraud topic, each with the partition's
   progress (:class:`AggregatesMessage`).
@@ -21,13 +21,13 @@ from typing import Any, Iterable, Optional, Sequence
 import numpy as np
 import orjson
 
-from .alert_engine import AlertEngine
-from .alerting import ServiceGraph, pseudonymize, public_entity
-from .contracts import Contract, Rejection, load_contracts
-from .detectors.base import Anomaly
-from .detectors.stage2 import STREAMS, FraudStage, Stage2
-from .ingest.partials import Partial, PartitionAggregator, Pseudonyms, fraud_rows, internal_partition, stable_partition
-from .settings import Settings
+from soundcheck.alerting.engine import AlertEngine
+from soundcheck.alerting.correlate import ServiceGraph, pseudonymize, public_entity
+from soundcheck.ingest.contracts import Contract, Rejection, load_contracts
+from soundcheck.detectors.base import Anomaly
+from soundcheck.detectors.stage2 import STREAMS, FraudStage, Stage2
+from soundcheck.ingest.partials import Partial, PartitionAggregator, Pseudonyms, fraud_rows, internal_partition, stable_partition
+from soundcheck.settings import Settings
 
 PROGRESS_SKEW_MS = 5_000  # a partition's event-time progress never runs ahead of the wall clock by more
 KEYINGS = ("natural", "user", "random")

@@ -72,7 +72,7 @@ def _state_classes() -> list[type]:
     import importlib
     import pkgutil
 
-    from . import detectors
+    from soundcheck import detectors
 
     out: list[type] = []
     for info in sorted(pkgutil.iter_modules(detectors.__path__), key=lambda i: i.name):
@@ -147,7 +147,7 @@ class _Unpickler(pickle.Unpickler):
 
 def dumps_state(state: Any, level: int = 6) -> bytes:
     """zlib(pickle(state)); a :class:`Settings` object is pickled as a reference, not its contents."""
-    from .settings import Settings
+    from soundcheck.settings import Settings
 
     buf = io.BytesIO()
     pickler = pickle.Pickler(buf, protocol=5)

@@ -14,8 +14,8 @@ from typing import Any
 import faust
 from prometheus_client import CollectorRegistry
 
-from soundcheck.alerting import ServiceGraph
-from soundcheck.contracts import Contract, load_contracts
+from soundcheck.alerting.correlate import ServiceGraph
+from soundcheck.ingest.contracts import Contract, load_contracts
 from soundcheck.metrics import WorkerMetrics
 from soundcheck.settings import Settings
 

@@ -5,7 +5,7 @@ Enable it with ``pytest_plugins = ["tests.broker"]`` in ``tests/conftest.py``.
 ``kafka_bootstrap`` (session scope) resolves, in order:
 
 1. ``$KAFKA_BOOTSTRAP_SERVERS`` if set (it must answer);
-2. a :class:`soundcheck.kafka_local.LocalKafka` broker (jars from Maven Central
+2. a :class:`soundcheck.kafka.local.LocalKafka` broker (jars from Maven Central
    via ``mvn``, run with ``java``), started once and stopped at session end;
 3. an ``apache/kafka`` container through testcontainers, only if a Docker
    engine answers.
@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 
-from soundcheck.kafka_local import KAFKA_VERSION, LocalKafka, broker_answers, free_port
+from soundcheck.kafka.local import KAFKA_VERSION, LocalKafka, broker_answers, free_port
 
 _CONTAINER_START_TIMEOUT_S = 120.0
 
@@ -106,7 +106,7 @@ def kafka_bootstrap() -> Iterator[str]:
         bootstrap = kafka.start()
     except Exception as exc:
         kafka.stop()
-        tried.append(f"local broker (soundcheck.kafka_local, needs mvn + java 17): {exc}")
+        tried.append(f"local broker (soundcheck.kafka.local, needs mvn + java 17): {exc}")
     else:
         try:
             yield bootstrap

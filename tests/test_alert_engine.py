@@ -1,9 +1,9 @@
-"""The alert lifecycle (soundcheck.alert_engine) on hand-made anomalies, with dicts for the tables."""
+"""The alert lifecycle (soundcheck.alerting.engine) on hand-made anomalies, with dicts for the tables."""
 
 import pytest
 
-from soundcheck.alert_engine import AlertEngine
-from soundcheck.alerting import ServiceGraph
+from soundcheck.alerting.engine import AlertEngine
+from soundcheck.alerting.correlate import ServiceGraph
 from soundcheck.detectors.base import Anomaly
 from soundcheck.detectors.baseline import Signal
 

@@ -10,10 +10,10 @@ import time
 import orjson
 import pytest
 
-from soundcheck.classify import SEVERITY_RANK
-from soundcheck.harness import read_topic
-from soundcheck.produce import produce
-from soundcheck.simulator import Simulator
+from soundcheck.alerting.classify import SEVERITY_RANK
+from soundcheck.evaluation.harness import read_topic
+from soundcheck.evaluation.produce import produce
+from soundcheck.evaluation.simulator import Simulator
 
 from tests.workers import isolated, start_worker
 

@@ -1,6 +1,6 @@
 import pytest
 
-from soundcheck.alerting import (
+from soundcheck.alerting.correlate import (
     ServiceGraph,
     alert_step,
     correlate_step,
@@ -9,7 +9,7 @@ from soundcheck.alerting import (
     public_entity,
     pseudonymize,
 )
-from soundcheck.classify import classify, degradation
+from soundcheck.alerting.classify import classify, degradation
 from soundcheck.detectors.base import Anomaly
 from soundcheck.detectors.baseline import Signal
 

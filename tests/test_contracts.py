@@ -11,7 +11,7 @@ import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
 
-from soundcheck.contracts import (
+from soundcheck.ingest.contracts import (
     RECORD_TYPES,
     REJECTION_KINDS,
     SCHEMA_DIR,
@@ -23,7 +23,7 @@ from soundcheck.contracts import (
     load_contracts,
     parse_ts,
 )
-from soundcheck.simulator import Simulator
+from soundcheck.evaluation.simulator import Simulator
 
 NOW = 1_700_000_000_000
 STREAMS = ("audio", "behavior", "system")

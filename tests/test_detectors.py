@@ -6,14 +6,14 @@ import random
 import numpy as np
 import pytest
 
-from soundcheck.contracts import load_contracts
+from soundcheck.ingest.contracts import load_contracts
 from soundcheck.detectors.base import Anomaly, EntityStore
 from soundcheck.detectors.baseline import RobustBaseline
 from soundcheck.detectors.behavior import BehaviorRateDetector, FraudDetector
 from soundcheck.detectors.quality import AudioQualityDetector
 from soundcheck.detectors.system import SystemMetricsDetector
 from soundcheck.detectors.windows import TumblingAggregator
-from soundcheck.simulator import Simulator, encode
+from soundcheck.evaluation.simulator import Simulator, encode
 
 T0 = 1_700_000_000_000
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from soundcheck.pipeline import OfflinePipeline
-from soundcheck.simulator import Simulator
+from soundcheck.evaluation.simulator import Simulator
 
 T0 = 1_700_000_000_000
 PLAN = (("cdn_pop_degradation", 150, 120), ("fraud_farm", 120, 200), ("billing_error_spike", 200, 100),

@@ -8,9 +8,9 @@ import jsonschema
 import orjson
 import pytest
 
-from soundcheck.contracts import SCHEMA_DIR
+from soundcheck.ingest.contracts import SCHEMA_DIR
 from soundcheck.pipeline import run_simulation
-from soundcheck.simulator import Simulator
+from soundcheck.evaluation.simulator import Simulator
 
 T0 = 1_700_000_000_000
 

@@ -1,4 +1,4 @@
-"""The Alertmanager and PagerDuty mappings (soundcheck/interop.py) against the published field lists.
+"""The Alertmanager and PagerDuty mappings (soundcheck/alerting/interop.py) against the published field lists.
 
 The field lists below are copied from the vendors' documentation, not from our code:
 
@@ -21,8 +21,8 @@ from datetime import datetime, timezone
 import jsonschema
 import pytest
 
-from soundcheck.alerting import pseudonymize
-from soundcheck.interop import (
+from soundcheck.alerting.correlate import pseudonymize
+from soundcheck.alerting.interop import (
     ALERTMANAGER_ZERO_TIME,
     PAGERDUTY_SEVERITY,
     group_by_incident,
@@ -31,9 +31,9 @@ from soundcheck.interop import (
     to_alertmanager_webhooks,
     to_pagerduty_event,
 )
-from soundcheck.scenario_eval import START_MS, run_offline
+from soundcheck.evaluation.scenarios import START_MS, run_offline
 from soundcheck.settings import load_settings
-from soundcheck.simulator import Simulator
+from soundcheck.evaluation.simulator import Simulator
 
 # -- Alertmanager: webhook_config payload ("version": "4") ----------------------------------------
 AM_PAYLOAD_KEYS = {

@@ -1,4 +1,4 @@
-"""Integration tests of the Maven-fetched local Kafka broker (soundcheck.kafka_local)."""
+"""Integration tests of the Maven-fetched local Kafka broker (soundcheck.kafka.local)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
-from soundcheck import kafka_local
-from soundcheck.kafka_local import LocalKafka, broker_answers, free_port
+from soundcheck.kafka import local as kafka_local
+from soundcheck.kafka.local import LocalKafka, broker_answers, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -107,7 +107,7 @@ def test_detached_broker_round_trip(
         started = subprocess.run(
             [sys.executable, "-c",
              "import argparse, sys\n"
-             "from soundcheck import kafka_local\n"
+             "from soundcheck.kafka import local as kafka_local\n"
              "parser = argparse.ArgumentParser()\n"
              "kafka_local.add_cli(parser.add_subparsers(required=True))\n"
              "args = parser.parse_args(sys.argv[1:])\n"

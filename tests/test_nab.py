@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from soundcheck import nab
+from soundcheck.evaluation import nab
 from soundcheck.detectors.series import SeriesDetector
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "nab"

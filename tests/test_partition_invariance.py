@@ -14,9 +14,9 @@ import time
 import orjson
 import pytest
 
-from soundcheck.harness import read_topic
+from soundcheck.evaluation.harness import read_topic
 from soundcheck.pipeline import run_simulation
-from soundcheck.simulator import Simulator
+from soundcheck.evaluation.simulator import Simulator
 
 from tests.workers import isolated, start_worker
 

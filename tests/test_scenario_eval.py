@@ -2,7 +2,7 @@
 
 import pytest
 
-from soundcheck.scenario_eval import GOALS, evaluate_seeds, format_report
+from soundcheck.evaluation.scenarios import GOALS, evaluate_seeds, format_report
 
 
 @pytest.fixture(scope="module")

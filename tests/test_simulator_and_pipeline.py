@@ -3,9 +3,9 @@
 import orjson
 import pytest
 
-from soundcheck.evaluation import evaluate
+from soundcheck.evaluation.score import evaluate
 from soundcheck.pipeline import OfflinePipeline
-from soundcheck.simulator import Simulator, encode
+from soundcheck.evaluation.simulator import Simulator, encode
 
 T0 = 1_700_000_000_000
 
@@ -93,7 +93,7 @@ def test_offline_alerts_match_the_alert_schema(offline_run):
 
     import jsonschema
 
-    from soundcheck.contracts import SCHEMA_DIR
+    from soundcheck.ingest.contracts import SCHEMA_DIR
 
     schema = json.loads((SCHEMA_DIR / "alert.schema.json").read_text())
     for a in offline_run[2].alerts:
@@ -102,7 +102,7 @@ def test_offline_alerts_match_the_alert_schema(offline_run):
 
 def test_offline_the_fraud_farm_is_one_incident_listing_its_accounts(offline_run):
     settings, sim, pipe = offline_run
-    from soundcheck.alerting import public_entity
+    from soundcheck.alerting.correlate import public_entity
 
     farm = next(s for s in sim.scenarios if s.name == "fraud_farm")
     accounts = {public_entity({"user_id": a}, settings)["user_id"] for a in farm.details["accounts"]}

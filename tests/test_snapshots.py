@@ -15,14 +15,14 @@ from prometheus_client import CollectorRegistry
 
 from tests.workers import isolated, start_worker
 from soundcheck import snapshots
-from soundcheck.contracts import load_contracts
-from soundcheck.harness import WorkerProcess, read_topic
-from soundcheck.kafka_admin import read_latest, snapshot_topic
+from soundcheck.ingest.contracts import load_contracts
+from soundcheck.evaluation.harness import WorkerProcess, read_topic
+from soundcheck.kafka.admin import read_latest, snapshot_topic
 from soundcheck.metrics import WorkerMetrics
 from soundcheck.detectors.stage2 import STREAMS, FraudStage, Stage2
 from soundcheck.pipeline import IngestStage, decode_internal
-from soundcheck.produce import produce
-from soundcheck.simulator import Simulator, encode
+from soundcheck.evaluation.produce import produce
+from soundcheck.evaluation.simulator import Simulator, encode
 
 T0 = 1_700_000_000_000
 ROLES = {"audio": "aggregates", "behavior": "aggregates", "system": "aggregates", "fraud": "fraud"}

@@ -15,11 +15,11 @@ import jsonschema
 import orjson
 import pytest
 
-from soundcheck.contracts import SCHEMA_DIR
-from soundcheck.evaluation import evaluate
-from soundcheck.harness import WorkerProcess, read_topic
-from soundcheck.produce import produce
-from soundcheck.simulator import Simulator
+from soundcheck.ingest.contracts import SCHEMA_DIR
+from soundcheck.evaluation.score import evaluate
+from soundcheck.evaluation.harness import WorkerProcess, read_topic
+from soundcheck.evaluation.produce import produce
+from soundcheck.evaluation.simulator import Simulator
 
 from tests.workers import isolated, start_worker
 
@@ -130,7 +130,7 @@ def test_two_workers_share_the_partitions_of_one_consumer_group(kafka_bootstrap,
 
 def test_the_detection_goals_hold_through_the_real_broker(scenario_run):
     """`soundcheck eval scenarios` measures these offline; the same check on one scenario run through Kafka."""
-    from soundcheck.scenario_eval import GOALS, score_run
+    from soundcheck.evaluation.scenarios import GOALS, score_run
 
     s, sim, truth, alerts, dead, metrics = scenario_run
     r = score_run([orjson.loads(a.value) for a in alerts], truth, s)

@@ -6,8 +6,8 @@ import asyncio
 from pathlib import Path
 from typing import Callable, Mapping, Optional
 
-from soundcheck.harness import WorkerProcess, worker_env
-from soundcheck.kafka_admin import ensure_topics_async, worker_topics
+from soundcheck.evaluation.harness import WorkerProcess, worker_env
+from soundcheck.kafka.admin import ensure_topics_async, worker_topics
 from soundcheck.settings import Settings
 
 

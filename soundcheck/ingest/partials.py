@@ -37,7 +37,7 @@ import zlib
 
 import numpy as np
 
-from ..settings import Settings
+from soundcheck.settings import Settings
 
 STALL_BUFFERING = 0.05  # an audio sample stalled more than this share of the time counts as a stall
 AUDIO_FEATURES = ("bitrate_ratio", "buffering_ratio", "latency_ms", "buffer_health_percent", "packet_loss_percent", "stall_rate")
@@ -369,7 +369,7 @@ class Pseudonyms:
     holds few distinct users, and each costs one keyed hash the first time."""
 
     def __init__(self, key: bytes, enabled: bool = True, max_entries: int = 200_000) -> None:
-        from ..alerting import pseudonymize
+        from soundcheck.alerting.correlate import pseudonymize
 
         self._hmac = pseudonymize
         self.key = key

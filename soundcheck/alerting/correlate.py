@@ -14,9 +14,9 @@ import hashlib
 import uuid
 from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional
 
-from .classify import SEVERITY_RANK, Classification, classify
-from .detectors.base import Anomaly
-from .settings import Settings
+from soundcheck.alerting.classify import SEVERITY_RANK, Classification, classify
+from soundcheck.detectors.base import Anomaly
+from soundcheck.settings import Settings
 
 SCHEMA_VERSION = "1.0"
 MAX_INCIDENT_MEMBERS = 32  # distinct fingerprints kept per incident; more are counted, not listed

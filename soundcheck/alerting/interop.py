@@ -23,8 +23,8 @@ import re
 from datetime import datetime, timezone
 from typing import Any, Iterable, Mapping, Optional
 
-from .alerting import SPECIFICITY
-from .classify import SEVERITIES
+from soundcheck.alerting.correlate import SPECIFICITY
+from soundcheck.alerting.classify import SEVERITIES
 
 ALERTMANAGER_WEBHOOK_VERSION = "4"
 ALERTMANAGER_ZERO_TIME = "0001-01-01T00:00:00Z"  # Go's zero time.Time: Alertmanager's "no end yet"

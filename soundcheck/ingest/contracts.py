@@ -47,7 +47,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 import msgspec
 import orjson
 
-SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schemas"
+SCHEMA_DIR = Path(__file__).resolve().parents[2] / "schemas"
 
 #: The ways a record can be rejected; bounded, so they can be metric labels.
 REJECTION_KINDS = ("invalid_json", "not_an_object", "schema", "impossible_value", "future_ts", "processing_error")

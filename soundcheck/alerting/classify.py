@@ -29,8 +29,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .detectors.base import Anomaly
-from .settings import Settings
+from soundcheck.detectors.base import Anomaly
+from soundcheck.settings import Settings
 
 SEVERITIES = ("info", "low", "medium", "high", "critical")
 SEVERITY_RANK = {s: i for i, s in enumerate(SEVERITIES)}

@@ -74,7 +74,7 @@ _HINT = "or set KAFKA_BOOTSTRAP_SERVERS to use a broker you already have"
 _T = TypeVar("_T")
 
 _LOG4J2 = """\
-# Written by soundcheck.kafka_local: broker warnings and errors go to stdout,
+# Written by soundcheck.kafka.local: broker warnings and errors go to stdout,
 # which the launcher redirects to kafka.log next to this file.
 status = warn
 shutdownHook = disable
@@ -469,7 +469,7 @@ class LocalKafka:
             "group.initial.rebalance.delay.ms": "0",
             "auto.create.topics.enable": "true",
         }
-        text = "# Written by soundcheck.kafka_local on each start.\n" + "".join(f"{k}={v}\n" for k, v in props.items())
+        text = "# Written by soundcheck.kafka.local on each start.\n" + "".join(f"{k}={v}\n" for k, v in props.items())
         (self.data_dir / "server.properties").write_text(text)
         (self.data_dir / "log4j2.properties").write_text(_LOG4J2)
 

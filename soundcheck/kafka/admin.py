@@ -8,7 +8,7 @@ from typing import Mapping, Optional
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
 
-from .settings import Settings
+from soundcheck.settings import Settings
 
 SNAPSHOT_SUFFIX = ".snapshots"
 SNAPSHOT_MAX_BYTES = 16 * 1024 * 1024  # the largest snapshot (one partition's detector state, compressed)

@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping, Optional
 import orjson
 from aiokafka import AIOKafkaConsumer
 
-from .kafka_local import free_port
+from soundcheck.kafka.local import free_port
 
 
 class WorkerProcess:

@@ -9,8 +9,8 @@ from typing import Any, Callable, Optional
 
 from aiokafka import AIOKafkaProducer
 
-from .settings import Settings
-from .simulator import Simulator, encode
+from soundcheck.settings import Settings
+from soundcheck.evaluation.simulator import Simulator, encode
 
 
 def _progress_printer(stream: Any) -> Callable[[str], None]:

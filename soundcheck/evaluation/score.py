@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Mapping
 
-from .alerting import public_entity
-from .settings import Settings
+from soundcheck.alerting.correlate import public_entity
+from soundcheck.settings import Settings
 
 PAGING = ("P0", "P1")
 

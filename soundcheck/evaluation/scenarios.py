@@ -25,10 +25,10 @@ from typing import Any, Iterable, Mapping, Optional
 
 import orjson
 
-from .evaluation import alerting_quality, evaluate
-from .pipeline import OfflinePipeline, run_simulation
-from .settings import Settings, load_settings
-from .simulator import Simulator, encode
+from soundcheck.evaluation.score import alerting_quality, evaluate
+from soundcheck.pipeline import OfflinePipeline, run_simulation
+from soundcheck.settings import Settings, load_settings
+from soundcheck.evaluation.simulator import Simulator, encode
 
 GOALS = {"recall": 0.95, "precision": 0.9, "median_delay_s": 30.0, "benign_pages": 0, "flapping_notifications": 2,
          "compression": 0.9, "grouping_purity": 0.95, "root_cause_accuracy": 0.9}

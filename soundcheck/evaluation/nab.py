@@ -353,7 +353,7 @@ def find_series(data_dir: str | Path) -> list[tuple[str, Path]]:
 
 def detect_series(timestamps: Sequence[str], values: np.ndarray, detector_factory: Optional[Callable[[], Any]] = None) -> np.ndarray:
     """Online scores of one series: a fresh detector, fed row by row (score, then learn)."""
-    from .detectors.series import SeriesDetector
+    from soundcheck.detectors.series import SeriesDetector
 
     det = detector_factory() if detector_factory is not None else SeriesDetector()
     out = np.empty(len(values))

@@ -31,9 +31,9 @@ from typing import Any, Mapping, MutableMapping, Optional
 
 import orjson
 
-from .alerting import ServiceGraph, alert_step, dedup_sweep_due, expired
-from .detectors.base import Anomaly
-from .settings import Settings
+from soundcheck.alerting.correlate import ServiceGraph, alert_step, dedup_sweep_due, expired
+from soundcheck.detectors.base import Anomaly
+from soundcheck.settings import Settings
 
 def _order(doc: Mapping[str, Any]) -> tuple:
     """The order anomalies of one event time are taken in: stable whatever their arrival."""

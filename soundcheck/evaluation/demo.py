@@ -19,13 +19,13 @@ from typing import Any, Optional
 
 import orjson
 
-from . import kafka_local
-from .evaluation import evaluate
-from .harness import WorkerProcess, read_topic, worker_env
-from .kafka_admin import ensure_topics_async, worker_topics
-from .produce import produce
-from .settings import Settings
-from .simulator import Simulator
+from soundcheck.kafka import local as kafka_local
+from soundcheck.evaluation.score import evaluate
+from soundcheck.evaluation.harness import WorkerProcess, read_topic, worker_env
+from soundcheck.kafka.admin import ensure_topics_async, worker_topics
+from soundcheck.evaluation.produce import produce
+from soundcheck.settings import Settings
+from soundcheck.evaluation.simulator import Simulator
 
 COLORS = {"critical": "\033[1;31m", "high": "\033[31m", "medium": "\033[33m", "low": "\033[36m", "info": "\033[2m"}
 

@@ -1,0 +1,1 @@
+"""Kafka plumbing: the local single-node broker (:mod:`.local`) and topic administration (:mod:`.admin`)."""

@@ -1,0 +1,335 @@
+"""The fraud detector's packed per-user state: same detection, bounded, small, snapshot-safe."""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+import random
+from types import SimpleNamespace
+
+import pytest
+
+from soundcheck import snapshots
+from soundcheck.detectors import behavior
+from soundcheck.detectors.behavior import FraudDetector, FraudState, _h64
+from soundcheck.detectors.stage2 import FraudEvent, FraudStage
+from tests.test_detectors import feed, simulate
+
+T0 = 1_700_000_000_000
+MIN = 60_000
+HOUR = 3_600_000
+WINDOW = 10_000
+
+
+def pseudonym(raw: str) -> str:
+    return "u_" + hashlib.sha256(raw.encode()).hexdigest()[:20]
+
+
+def listener(user: str, start: int, minutes: int, plays_per_hour: float, *, rng: random.Random, devices=("d0",),
+             countries=("US",), artists=("ar-1", "ar-2", "ar-3", "ar-4", "ar-5"), completion=0.7, methods=(),
+             segment="premium") -> list[FraudEvent]:
+    """A user's events: plays (some completed) at a steady rate, payments now and then."""
+    out = []
+    uid = pseudonym(user)
+    t = start
+    end = start + minutes * MIN
+    step = HOUR / plays_per_hour
+    k = 0
+    while t < end:
+        dev, country = pseudonym(f"{user}-{devices[k % len(devices)]}"), countries[k % len(countries)]
+        artist = artists[rng.randrange(len(artists))]
+        out.append(FraudEvent(int(t), uid, "play_start", dev, country, segment, artist, None))
+        if rng.random() < completion:
+            out.append(FraudEvent(int(t) + 1000, uid, "play_complete", dev, country, segment, artist, None))
+        if methods and k % 3 == 0:
+            out.append(FraudEvent(int(t) + 2000, uid, "payment_attempt", dev, country, segment, None,
+                                  methods[(k // 3) % len(methods)]))
+        t += step * rng.uniform(0.8, 1.2)
+        k += 1
+    return out
+
+
+def windows(events: list[FraudEvent]) -> list[tuple[int, list[FraudEvent]]]:
+    """Event-time order, one 10 s window at a time (as the fraud stage feeds the detector)."""
+    events = sorted(events, key=lambda r: tuple("" if v is None else v for v in r))
+    out: dict[int, list[FraudEvent]] = {}
+    for r in events:
+        out.setdefault(r.ts - r.ts % WINDOW + WINDOW, []).append(r)
+    return sorted(out.items())
+
+
+def run(det: FraudDetector, events: list[FraudEvent]) -> list:
+    return [a for end, batch in windows(events) for a in det.process(batch, end)]
+
+
+def farm_and_listeners(seed: int = 3, farm: int = 6, normal: int = 60, minutes: int = 40) -> tuple[list, set, set]:
+    rng = random.Random(seed)
+    events: list[FraudEvent] = []
+    accounts = {f"farm-{i}" for i in range(farm)}
+    for a in sorted(accounts):
+        events += listener(a, T0 + rng.randrange(5 * MIN), minutes, 400, rng=rng, devices=[f"fd{j}" for j in range(6)],
+                           countries=("US", "US", "BR"), artists=("ar-farm",), completion=0.05, segment="free")
+    listeners = {f"user-{i}" for i in range(normal)}
+    for u in sorted(listeners):
+        events += listener(u, T0 + rng.randrange(10 * MIN), minutes, rng.choice([8, 15, 25]), rng=rng,
+                           devices=("phone", "laptop")[: rng.randrange(1, 3)], methods=("pm-1",) if rng.random() < 0.3 else ())
+    return events, {pseudonym(a) for a in accounts}, {pseudonym(u) for u in listeners}
+
+
+@pytest.fixture
+def small(settings):
+    return settings.replace(detection={"fraud": {"max_users": 50}})
+
+
+# ---------------------------------------------------------------------------------------------
+# detection
+
+
+def test_the_farm_is_flagged_and_no_ordinary_listener(settings):
+    events, farm, listeners = farm_and_listeners()
+    found = run(FraudDetector(settings), events)
+    flagged = {a.entity["user_id"] for a in found}
+    assert flagged == farm
+    a = found[0]
+    assert a.details["fraud_probability"] >= 0.7 and a.signals and a.region == "US"
+    assert a.details["top_artists"] == ["ar-farm"] and a.details["user_segment"] == "free"
+    assert a.details["countries"] == ["BR", "US"]
+    # the links join the farm: its artist by id, devices by the hex of their hash, countries by code
+    assert "artist:ar-farm" in a.details["links"] and "country:US" in a.details["links"]
+    devices = [x for x in a.details["links"] if x.startswith("device:")]
+    assert len(devices) == 6 and all(len(x) == len("device:") + 16 for x in devices)
+
+
+def test_the_simulated_farm_through_decoded_records(settings):
+    """The contract records of the simulator (raw user and device ids), as test_detectors feeds them."""
+    sim = simulate(plan=(("fraud_farm", 60, 300),), duration=400)
+    farm = set(sim.scenarios[0].details["accounts"])
+    flagged = {a.entity["user_id"] for a in feed(FraudDetector(settings), sim, "behavior")}
+    assert flagged and flagged <= farm and len(flagged) >= len(farm) * 0.8
+
+
+def test_devices_countries_and_payment_methods_are_reasons_on_their_own(settings):
+    rng = random.Random(1)
+    det = FraudDetector(settings)
+    events = listener("traveller", T0, 50, 20, rng=rng, devices=("a", "b", "c", "d", "e"), countries=("US", "BR", "DE"),
+                      methods=tuple(f"pm-{i}" for i in range(7)))
+    found = run(det, events)
+    assert found and {a.entity["user_id"] for a in found} == {pseudonym("traveller")}
+    a = found[-1]
+    reasons = {s.metric for s in a.signals}
+    assert reasons == {"distinct_devices", "distinct_countries", "payment_method_changes"}
+    f = a.details["features"]
+    assert f["devices"] == 5 and f["countries"] == 3 and f["streams_per_hour"] < 50
+    # more payment methods than are kept: the score is the one of all of them (the reason saturates)
+    assert f["payment_method_changes"] >= 4
+    exact = det.probability({**f, "payment_method_changes": 6})[0]
+    assert a.score == exact >= 0.7
+    assert sorted(x for x in a.details["links"] if x.startswith("country:")) == ["country:BR", "country:DE", "country:US"]
+
+
+def test_a_shared_device_links_two_accounts(settings):
+    rng = random.Random(2)
+    events = []
+    for user in ("a", "b"):
+        events += [e._replace(device_id=pseudonym("shared-box") if i % 2 else e.device_id)
+                   for i, e in enumerate(listener(user, T0, 20, 400, rng=rng, devices=("x", "y", "z", "w", "v"),
+                                                  artists=(f"ar-{user}",), completion=0.0))]
+    found = run(FraudDetector(settings), events)
+    links = {a.entity["user_id"]: set(a.details["links"]) for a in found}
+    assert set(links) == {pseudonym("a"), pseudonym("b")}
+    shared = links[pseudonym("a")] & links[pseudonym("b")]
+    assert f"device:{_h64(pseudonym('shared-box')):016x}" in shared
+
+
+def test_the_window_slides_plays_and_devices_leave_it(settings):
+    det = FraudDetector(settings)
+    rng = random.Random(4)
+    burst = listener("bursty", T0, 10, 600, rng=rng, devices=("a", "b", "c", "d", "e", "f"), completion=0.0)
+    assert run(det, burst)  # 100 plays in 10 minutes from 6 devices
+    later = listener("bursty", T0 + 70 * MIN, 30, 15, rng=rng, devices=("a",))
+    found = run(det, later + listener("other", T0 + 70 * MIN, 30, 15, rng=rng))
+    assert found == []
+    u = det.users.load([pseudonym("bursty")], det.now)[pseudonym("bursty")]
+    f = det.features(u, det.now)
+    assert f["devices"] == 1 and f["plays"] <= 10
+
+
+def test_same_events_same_anomalies(settings):
+    events, _, _ = farm_and_listeners(seed=5)
+    a = [x.to_json() for x in run(FraudDetector(settings), events)]
+    b = [x.to_json() for x in run(FraudDetector(settings), events)]
+    assert a == b and a
+
+
+def test_a_user_active_for_a_day_keeps_exact_counts_across_the_stamp_wrap(settings):
+    """Last-seen stamps are 16 bits of event seconds: they wrap every 18 hours."""
+    det = FraudDetector(settings)
+    uid = pseudonym("night-owl")
+    rng = random.Random(6)
+    seen: list[tuple[int, str]] = []
+    for minute in range(0, 26 * 60, 7):
+        ts = T0 + minute * MIN + rng.randrange(1000, 50_000)
+        device = f"dev-{minute // 50}"  # a new device every 50 minutes
+        seen.append((ts, device))
+        det.process([FraudEvent(ts, uid, "play_start", device, "US", "free", "ar-1", None)], ts - ts % WINDOW + WINDOW)
+        if minute % 91 == 0:
+            u = det.users.load([uid], det.now)[uid]
+            f = det.features(u, det.now)
+            expected = {d for t, d in seen if t >= det.now - det.window_ms}
+            assert f["devices"] == min(len(expected), 6)
+    assert len(det.users) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# bounds
+
+
+def test_bounded_by_max_users_least_recently_seen_go_first(small):
+    det = FraudDetector(small)
+    users = [pseudonym(f"user-{i}") for i in range(80)]
+
+    def touch(i: int, ts: int) -> None:
+        det.process([FraudEvent(ts, users[i], "play_start", "d", "US", "free", "ar-1", None)], ts - ts % WINDOW + WINDOW)
+
+    for i in range(50):
+        touch(i, T0 + i * 1000)
+    touch(0, T0 + 60_000)  # user 0 is recent again: user 1 is now the least recently seen
+    touch(50, T0 + 61_000)
+    assert len(det.users) == 50 and det.users.evicted == 1
+    assert _h64(users[0]) in set(det.users.keys()) and _h64(users[1]) not in set(det.users.keys())
+    for i in range(51, 80):
+        touch(i, T0 + 70_000 + i * 1000)
+    assert len(det.users) == 50 and det.users.evicted == 30
+    assert set(det.users.keys()) == {_h64(u) for u in [users[0]] + users[31:80]}
+
+
+def test_a_batch_with_more_new_users_than_room_keeps_the_most_recent(small):
+    det = FraudDetector(small)
+    batch = [FraudEvent(T0 + i, pseudonym(f"user-{i}"), "play_start", "d", "US", "free", "ar-1", None) for i in range(120)]
+    det.process(batch, T0 + WINDOW)
+    assert len(det.users) == 50 and det.users.evicted == 70
+    assert set(det.users.keys()) == {_h64(pseudonym(f"user-{i}")) for i in range(70, 120)}
+
+
+def test_the_simulated_stream_is_bounded(small):
+    det = FraudDetector(small)
+    feed(det, simulate(plan=(), duration=30), "behavior")
+    assert len(det.users) == 50 and det.users.evicted > 0
+
+
+def test_idle_users_expire_after_the_window(settings):
+    det = FraudDetector(settings)
+    rng = random.Random(7)
+    run(det, listener("early", T0, 5, 30, rng=rng) + listener("later", T0 + 30 * MIN, 5, 30, rng=rng))
+    assert len(det.users) == 2
+    run(det, listener("now", T0 + 65 * MIN, 2, 30, rng=rng))  # "early" was last seen over an hour ago
+    assert len(det.users) == 2 and _h64(pseudonym("early")) not in set(det.users.keys())
+    run(det, listener("now", T0 + 100 * MIN, 2, 30, rng=rng))
+    assert set(det.users.keys()) == {_h64(pseudonym("now"))}
+    assert det.users.evicted == 0
+
+
+def test_per_user_state_fits_300_bytes(settings):
+    det = FraudDetector(settings)
+    rng = random.Random(8)
+    events = []
+    for i in range(3000):
+        events += listener(f"user-{i}", T0 + rng.randrange(20 * MIN), 6, 20, rng=rng, devices=("a", "b"),
+                           methods=("pm",), artists=tuple(f"ar-{rng.randrange(500)}" for _ in range(3)))
+    run(det, events)
+    st = det.users.state
+    assert len(det.users) == 3000
+    arrays = st.rows.nbytes + st.keys_.nbytes + st.slots.nbytes + st.free.nbytes
+    assert arrays / len(det.users) <= 260
+    assert len(st.artist_names) <= 500 and len(st.countries) == 2
+
+
+def test_the_shared_artist_ids_are_swept_of_the_unreferenced(settings, monkeypatch):
+    monkeypatch.setattr(behavior, "ARTIST_NAMES_MIN", 20)
+    det = FraudDetector(settings)
+    rng = random.Random(9)
+    events = []
+    for i in range(40):  # 320 artists, each user keeps its top 3
+        events += listener(f"user-{i}", T0, 10, 120, rng=rng, artists=tuple(f"ar-{i}-{j}" for j in range(8)))
+    st = det.users.state
+    st.artist_gc_at = 20
+    found = run(det, events)
+    live = {int(h) for h in st.column("art")[st.slots].ravel() if h}
+    assert 40 <= len(live) <= 120 and len(st.artist_names) < 320
+    assert live <= set(st.artist_names)  # every artist a user refers to keeps its id
+    assert all(a.details["top_artists"][0].startswith("ar-") for a in found)
+
+
+# ---------------------------------------------------------------------------------------------
+# snapshots
+
+
+def test_a_pickle_round_trip_gives_the_same_later_anomalies(settings):
+    events, _, _ = farm_and_listeners(seed=11, minutes=50)
+    events.sort(key=lambda r: r.ts)
+    half = T0 + 25 * MIN
+    det = FraudDetector(settings)
+    run(det, [e for e in events if e.ts < half])
+    clone = pickle.loads(pickle.dumps(det))
+    assert len(clone.users) == len(det.users) and clone.now == det.now
+    rest = [e for e in events if e.ts >= half]
+    a = [x.to_json() for x in run(det, rest)]
+    b = [x.to_json() for x in run(clone, rest)]
+    assert a == b and a
+    assert dict(det.users._items) == dict(clone.users._items)
+
+
+def rows_of(events: list[FraudEvent]) -> list[tuple[int, list[list]]]:
+    return [(end, [list(e) for e in batch]) for end, batch in windows(events)]
+
+
+def test_a_snapshot_of_the_fraud_stage_restores_the_same_detection(settings):
+    events, farm, _ = farm_and_listeners(seed=12, minutes=50)
+    half = T0 + 25 * MIN
+    stage = FraudStage(settings)
+    for end, rows in rows_of([e for e in events if e.ts < half]):
+        stage.add(0, rows, end, now=0.0)
+    blob = snapshots.encode_snapshot(snapshots.capture_stage(stage), stream="fraud", partition=0, last_offset=0,
+                                     last_event_time=stage.detector.now, settings=settings)
+    _, state = snapshots.decode_snapshot(blob, settings)
+    fresh = FraudStage(settings)
+    assert snapshots.restore_stage(fresh, state) == len(stage.users) > 0
+    assert len(fresh.users) == len(stage.users) and fresh.detector.now == stage.detector.now
+    found = {id(stage): [], id(fresh): []}
+    for end, rows in rows_of([e for e in events if e.ts >= half]):
+        for s in (stage, fresh):
+            found[id(s)].extend(a.to_json() for a in s.add(0, rows, end, now=0.0))
+    assert found[id(stage)] == found[id(fresh)] and found[id(stage)]
+    assert dict(stage.users._items) == dict(fresh.users._items)
+
+
+def test_restoring_into_fewer_max_users_keeps_the_most_recent(settings, small):
+    det = FraudDetector(settings)
+    users = [pseudonym(f"user-{i}") for i in range(80)]
+    det.process([FraudEvent(T0 + i * 100, u, "play_start", "d", "US", "free", "ar-1", None) for i, u in enumerate(users)],
+                T0 + WINDOW)
+    _, state = snapshots.decode_snapshot(snapshots.encode_snapshot(
+        snapshots.capture(SimpleNamespace(detectors=[det])), stream="fraud", partition=0, last_offset=0,
+        last_event_time=det.now, settings=settings), settings)
+    fresh = FraudDetector(small)
+    assert snapshots.restore(SimpleNamespace(detectors=[fresh]), state) == 50
+    assert len(fresh.users) == 50 and set(fresh.users.keys()) == {_h64(u) for u in users[30:]}
+    fresh.process([FraudEvent(T0 + 20_000, pseudonym("new"), "play_start", "d", "US", "free", "ar-1", None)], T0 + 30_000)
+    assert len(fresh.users) == 50
+
+
+def test_a_snapshot_restores_into_other_limits(settings):
+    """Another max_devices (or window) changes the row layout: the users are carried over."""
+    events, farm, _ = farm_and_listeners(seed=13, minutes=20)
+    det = FraudDetector(settings)
+    run(det, events)
+    state = snapshots.capture(SimpleNamespace(detectors=[det]))
+    other = FraudDetector(settings.replace(detection={"fraud": {"max_devices": 2, "window_s": 1800}}))
+    snapshots.restore(SimpleNamespace(detectors=[other]), state)
+    assert isinstance(other.users._items, FraudState) and other.users._items.layout == other.layout
+    assert len(other.users) == len(det.users)
+    u = other.users.load([next(iter(farm))], other.now)[next(iter(farm))]
+    f = other.features(u, other.now)
+    assert f["devices"] == 4 and f["plays"] > 0  # at most twice max_devices now
+    later = [e._replace(ts=e.ts + 20 * MIN) for e in events]
+    assert {a.entity["user_id"] for a in run(other, later)} == farm
