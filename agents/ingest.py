@@ -20,7 +20,6 @@ and drops, as already sent, records of windows that were closed. Stage 1 keeps n
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
 import time
 from typing import Any, Optional
@@ -31,51 +30,22 @@ import numpy as np
 import orjson
 
 from soundcheck.ingest.contracts import Rejection
+from soundcheck.ingest.deadletters import dead_letters
 from soundcheck.pipeline import STREAMS, AggregatesMessage, IngestStage
 
 log = logging.getLogger(__name__)
 IDLE_FLUSH_S = 5.0  # close open windows when a stream has been quiet this long (wall time)
 COMMIT_EVERY_S = 1.0  # commit input offsets at most this often (and on revoke and stop)
-TEXT_COPY_LIMIT = 64 * 1024  # the original value is also given as text when it is UTF-8 and this small
 MAX_RECORDS = 20_000  # messages per getmany
 
 
-def dead_letter_record(*, topic: str, partition: int, offset: int, timestamp_ms: Optional[int], key: Optional[bytes],
-                       value: Optional[bytes], rejection: Rejection, stream: str) -> bytes:
-    """The dead-letter record for one rejected record (see schemas/dead_letter.schema.json)."""
-    value = value if value is not None else b""
-    text: str | None = None
-    if len(value) <= TEXT_COPY_LIMIT:
-        try:
-            text = value.decode("utf-8")
-        except UnicodeDecodeError:
-            pass
-    record = {
-        "source_topic": topic,
-        "partition": partition,
-        "offset": offset,
-        "timestamp": timestamp_ms,
-        "key": key.decode("utf-8", "replace") if key else None,
-        "stream": stream,
-        "error_kind": rejection.kind,
-        "reason": rejection.reason,
-        "index": rejection.index,
-        "record": rejection.item if rejection.index is not None else None,
-        "original_value_b64": base64.b64encode(value).decode(),
-        "original_value": text,
-        "dead_lettered_at": int(time.time() * 1000),
-        "schema_version": "1.0",
-    }
-    return orjson.dumps(record, default=str)
-
-
 def dead_letter(event: Any, rejection: Rejection, stream: str) -> tuple[bytes | None, bytes]:
-    """The dead-letter record of a Faust event (the agents on internal topics)."""
+    """The dead letter of a Faust event (the agents on internal topics): (key, value)."""
     msg = event.message
-    return msg.key, dead_letter_record(
+    return msg.key, dead_letters(
         topic=msg.topic, partition=msg.partition, offset=msg.offset,
         timestamp_ms=int(msg.timestamp * 1000) if msg.timestamp else None, key=msg.key, value=msg.value,
-        rejection=rejection, stream=stream)
+        rejections=[rejection], stream=stream, now_ms=int(time.time() * 1000))[0]
 
 
 def _metadata(closed_until: int) -> str:
@@ -97,6 +67,7 @@ def register(app: faust.App, ctx: Any) -> None:
     by_topic = {name: stream for stream, name in inputs.items()}
     internal = {"aggregates": settings.topics.aggregates, "fraud": settings.topics.fraud}
     ctx.ingest = {s: IngestStage(settings, s, ctx.contracts[s], k.partitions, k.partitions) for s in STREAMS}
+    keep_original = bool(settings.privacy.get("dead_letter_original", True))
 
     class IngestService(mode.Service):
         """The input topics' consumer (see the module doc)."""
@@ -211,31 +182,43 @@ def register(app: faust.App, ctx: Any) -> None:
             now = time.time()
             now_ms = int(now * 1000)
             futures: list[asyncio.Future] = []
+            counts: list[tuple[str, int, int, dict[str, int]]] = []  # counted once the broker has everything
             oldest: Optional[int] = None
-            send = self.producer.send
             for tp, msgs in batch.items():
                 stream = by_topic[tp.topic]
                 ing = ctx.ingest[stream]
                 records: list[Any] = []
                 offs: list[int] = []
+                where: list[tuple[int, Optional[int]]] = []  # per record: its message (position in msgs) and array index
                 dead: dict[str, int] = {}
-                for msg in msgs:
-                    recs, bad = ing.decode(msg.value, now_ms)
+                rejected: dict[int, list[Rejection]] = {}
+                for i, msg in enumerate(msgs):
+                    try:
+                        recs, bad = ing.decode(msg.value, now_ms)
+                    except Exception as exc:  # our bug on this message: it alone is dead-lettered
+                        recs, bad = [], [Rejection("processing_error", f"soundcheck.ingest.{stream}: decode: {type(exc).__name__}: {str(exc)[:200]}")]
                     if recs:
                         records.extend(recs)
                         offs.extend([msg.offset] * len(recs))
+                        where.extend([(i, None)] * len(recs))
+                    if bad:
+                        rejected[i] = list(bad)
+                out, failed = ing.process_safely(tp.partition, records, np.array(offs, dtype=np.int64), now)
+                for j, reason in failed:  # records our code failed on, one by one: their neighbours went on
+                    i, _ = where[j]
+                    rejected.setdefault(i, []).append(Rejection("processing_error", f"soundcheck.ingest.{stream}: {reason}"))
+                for i, bad in rejected.items():
+                    msg = msgs[i]
+                    for value in dead_letters(topic=tp.topic, partition=tp.partition, offset=msg.offset, timestamp_ms=msg.timestamp,
+                                              key=msg.key, value=msg.value, rejections=bad, stream=stream, now_ms=now_ms,
+                                              keep_original=keep_original):
+                        futures.append(await self.producer.send(settings.topics.dead_letter, value, key=msg.key))
                     for r in bad:
-                        futures.append(await send(settings.topics.dead_letter, dead_letter_record(
-                            topic=tp.topic, partition=tp.partition, offset=msg.offset, timestamp_ms=msg.timestamp,
-                            key=msg.key, value=msg.value, rejection=r, stream=stream), key=msg.key))
                         dead[r.kind] = dead.get(r.kind, 0) + 1
                 if msgs[0].timestamp is not None and (oldest is None or msgs[0].timestamp < oldest):
                     oldest = msgs[0].timestamp
-                m.messages_in.labels(topic=tp.topic).inc(len(msgs))
-                m.events_in.labels(topic=tp.topic).inc(len(records))
-                for kind, n in dead.items():
-                    m.dead_letters.labels(topic=tp.topic, reason=kind).inc(n)
-                futures += await self.send_all(ing.process(tp.partition, records, np.array(offs, dtype=np.int64), now))
+                counts.append((tp.topic, len(msgs), len(records) - len(failed), dead))
+                futures += await self.send_all(out)
                 self.next_offset[tp] = msgs[-1].offset + 1
             if batch:
                 self.last_records, self.pending_flush = now, True
@@ -250,7 +233,12 @@ def register(app: faust.App, ctx: Any) -> None:
                 for ing in ctx.ingest.values():
                     futures += await self.send_all(ing.flush())
             if futures:
-                await asyncio.gather(*futures)
+                await asyncio.gather(*futures)  # a failure: nothing is counted or committed, the batch is read again
+            for topic, n_msgs, n_records, dead in counts:
+                m.messages_in.labels(topic=topic).inc(n_msgs)
+                m.events_in.labels(topic=topic).inc(n_records)
+                for kind, n in dead.items():
+                    m.dead_letters.labels(topic=topic, reason=kind).inc(n)
             for stream, ing in ctx.ingest.items():
                 m.open_windows.labels(stream=stream).set(ing.open_windows)
                 late = ing.late_events - self.late_reported.get(stream, 0)

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import copy
 import random
 import time
 from dataclasses import dataclass, field
@@ -137,6 +138,33 @@ class IngestStage:
             wm = min(wm, int(now * 1000) + PROGRESS_SKEW_MS - pa.lateness_ms)
         out.extend(self._close(partition, pa.advance(wm)))
         return out
+
+    def process_safely(self, partition: int, records: Sequence[Any], offsets: Optional[np.ndarray] = None,
+                       now: Optional[float] = None) -> tuple[list[AggregatesMessage], list[tuple[int, str]]]:
+        """:meth:`process`, and if our code fails on the batch, the batch again record by record from
+        the state before it: returns the messages and the (index, reason) of the records that failed
+        alone, so that one bad record costs its own dead letter and its neighbours go on."""
+        pa = self.get(partition)
+        saved, sent = copy.deepcopy(pa), self.sent_progress.get(partition)
+        try:
+            return self.process(partition, records, offsets, now), []
+        except Exception as exc:
+            first = f"{type(exc).__name__}: {str(exc)[:200]}"
+        self.parts[partition] = saved
+        if sent is None:
+            self.sent_progress.pop(partition, None)
+        else:
+            self.sent_progress[partition] = sent
+        out: list[AggregatesMessage] = []
+        failed: list[tuple[int, str]] = []
+        for j, rec in enumerate(records):
+            before = copy.deepcopy(self.parts[partition])
+            try:
+                out += self.process(partition, [rec], None if offsets is None else offsets[j:j + 1], now)
+            except Exception as exc:
+                self.parts[partition] = before
+                failed.append((j, f"{type(exc).__name__}: {str(exc)[:200]} (the batch failed with {first})"))
+        return out, failed
 
     def idle(self, partitions: Iterable[int]) -> list[AggregatesMessage]:
         """These partitions are caught up (nothing more to read): they move on with the slowest of

@@ -273,15 +273,19 @@ def test_an_array_message_keeps_the_good_records_and_reports_each_bad_one_with_i
 
 
 def test_a_rejected_array_element_goes_to_the_dead_letter_as_json():
-    """agents/ingest.py dead_letter() puts ``rejection.item`` under "record" and encodes with orjson."""
+    """The dead letters of a message keep each rejected element under "record", and one copy of the original."""
+    from soundcheck.ingest.deadletters import dead_letters
+
     good = sample("audio")
     elements = [good, {**good, "device": "tv"}, ["not", "an", "object"], {**good, "ts": NOW + 10**9}]
-    _, bad = CONTRACTS["audio"].decode(orjson.dumps(elements), now_ms=NOW)
+    raw = orjson.dumps(elements)
+    _, bad = CONTRACTS["audio"].decode(raw, now_ms=NOW)
     assert [r.index for r in bad] == [1, 2, 3]
-    for r in bad:
-        assert r.item == elements[r.index]
-        letter = orjson.loads(orjson.dumps({"record": r.item if r.index is not None else None}, default=str))
-        assert letter["record"] == elements[r.index]
+    letters = [orjson.loads(x) for x in dead_letters(topic="t", partition=0, offset=1, timestamp_ms=None, key=None,
+                                                      value=raw, rejections=bad, stream="audio", now_ms=NOW)]
+    assert [d["record"] for d in letters] == [elements[r.index] for r in bad]
+    assert [d["original_value_b64"] is not None for d in letters] == [True, False, False]  # one copy per message
+    assert [d["original_in"] for d in letters] == [None, {"index": 1}, {"index": 1}]
     _, bad = CONTRACTS["audio"].decode(orjson.dumps({**good, "device": "tv"}), now_ms=NOW)
     assert bad[0].index is None and bad[0].item is None  # a single object: the dead letter has the whole value
 
