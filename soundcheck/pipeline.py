@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import copy
 import random
 import time
 from dataclasses import dataclass, field
@@ -145,7 +144,7 @@ class IngestStage:
         the state before it: returns the messages and the (index, reason) of the records that failed
         alone, so that one bad record costs its own dead letter and its neighbours go on."""
         pa = self.get(partition)
-        saved, sent = copy.deepcopy(pa), self.sent_progress.get(partition)
+        saved, sent = pa.snapshot(), self.sent_progress.get(partition)
         try:
             return self.process(partition, records, offsets, now), []
         except Exception as exc:
@@ -158,7 +157,7 @@ class IngestStage:
         out: list[AggregatesMessage] = []
         failed: list[tuple[int, str]] = []
         for j, rec in enumerate(records):
-            before = copy.deepcopy(self.parts[partition])
+            before = self.parts[partition].snapshot()
             try:
                 out += self.process(partition, [rec], None if offsets is None else offsets[j:j + 1], now)
             except Exception as exc:

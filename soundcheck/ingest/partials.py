@@ -30,6 +30,7 @@ keying (a repartition, as Kafka Streams does it).
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Optional, Sequence
 
@@ -89,7 +90,7 @@ class _Acc:
     count: int
     sums: np.ndarray
     present: np.ndarray
-    users: Optional[set]  # distinct user ids (region windows only; the others are estimated from them)
+    users: Optional[list]  # the distinct user ids of each batch, as sets (region windows only; the others are estimated)
 
 
 def _intern(column: Sequence[Hashable]) -> tuple[np.ndarray, list[Hashable]]:
@@ -258,7 +259,7 @@ class PartitionAggregator:
             k = (detector, start, key_of(real // nw))
             acc = open_.get(k)
             if acc is None:
-                acc = open_[k] = _Acc(0, np.zeros(nf), np.zeros(nf), set() if users is not None else None)
+                acc = open_[k] = _Acc(0, np.zeros(nf), np.zeros(nf), [] if users is not None else None)
             elif acc.sums.shape[0] < nf:  # the system detector met a new metric name
                 acc.sums = np.concatenate([acc.sums, np.zeros(nf - acc.sums.shape[0])])
                 acc.present = np.concatenate([acc.present, np.zeros(nf - acc.present.shape[0])])
@@ -266,7 +267,7 @@ class PartitionAggregator:
             acc.sums[:nf] += sums[g]
             acc.present[:nf] += have[g]
             if g in group_users:
-                acc.users |= group_users[g]
+                acc.users.append(group_users[g])
 
     @staticmethod
     def _distinct_users(gid: np.ndarray, users: tuple[np.ndarray, list], n_groups: int) -> dict[int, set]:
@@ -320,12 +321,23 @@ class PartitionAggregator:
         done = sorted((k for k in self.open if k[1] < limit), key=lambda k: (k[1], k[0], str(k[2])))
         # users per record of each region's window: what a window of a CDN PoP, device or segment
         # within that region is estimated to have (distinct counts per dimension cost a sort each)
-        per_record = {(k[0], k[1], k[2][1]): len(acc.users) / acc.count for k in done
-                      if (acc := self.open[k]).users is not None and acc.count and isinstance(k[2], tuple)}
-        out = [self._partial(k, self.open.pop(k), per_record) for k in done]
+        distinct = {k: len(set().union(*acc.users)) for k in done if (acc := self.open[k]).users is not None}
+        per_record = {(k[0], k[1], k[2][1]): n / self.open[k].count for k, n in distinct.items()
+                      if self.open[k].count and isinstance(k[2], tuple)}
+        out = [self._partial(k, self.open.pop(k), per_record, distinct.get(k)) for k in done]
         for s in [s for s in self.first_offset if s < limit]:
             del self.first_offset[s]
         return out
+
+    def snapshot(self) -> "PartitionAggregator":
+        """A copy to go back to if a batch fails half-way (cheap: the users of a window are kept as
+        the per-batch sets, which are never changed once made)."""
+        c = copy.copy(self)
+        c.open = {k: _Acc(a.count, a.sums.copy(), a.present.copy(), None if a.users is None else list(a.users))
+                  for k, a in self.open.items()}
+        c.first_offset = dict(self.first_offset)
+        c.metric_names = dict(self.metric_names)
+        return c
 
     def flush(self) -> list[Partial]:
         """The stream went quiet: close every open window now."""
@@ -334,10 +346,10 @@ class PartitionAggregator:
         top = max(s for _, s, _ in self.open) + self.size_ms
         return self.advance(top)
 
-    def _partial(self, k: tuple[str, int, Hashable], acc: _Acc, per_record: dict) -> Partial:
+    def _partial(self, k: tuple[str, int, Hashable], acc: _Acc, per_record: dict, distinct: Optional[int] = None) -> Partial:
         detector, start, key = k
-        if acc.users is not None:
-            users = len(acc.users)
+        if distinct is not None:
+            users = distinct
         elif isinstance(key, tuple) and len(key) == 3 and (detector, start, key[2]) in per_record:
             users = max(1, round(acc.count * per_record[(detector, start, key[2])]))
         else:
