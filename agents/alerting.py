@@ -60,6 +60,7 @@ def register(app: faust.App, ctx: Any) -> None:
     alerts_topic, anomalies_topic, dlq = ctx.topics["alerts"], ctx.topics["anomalies"], ctx.topics["dead_letter"]
     clocks: dict[int, dict[tuple[str, int], tuple[int, float]]] = {}  # partition -> (stream, source) -> (event time, wall time)
     first_tick: dict[int, float] = {}
+    moved: dict[int, int] = {}  # partition -> the clock last acted on
 
     def stage2_partitions() -> int:
         ing = next(iter(ctx.ingest.values()), None) if getattr(ctx, "ingest", None) else None
@@ -87,6 +88,9 @@ def register(app: faust.App, ctx: Any) -> None:
             return []
         live = [t for t, seen in sources.values() if wall - seen < STREAM_SILENT_S]
         now = min(live) if live else int(doc["event_time"])
+        if now <= moved.get(partition, -(2**62)):
+            return []  # the slowest source has not moved: nothing is due
+        moved[partition] = now
         notes: list[dict[str, Any]] = []
         for scope in [k for k in list(scopes.keys()) if partition_of(k, partitions) == partition]:
             notes += engine.on_tick(scope, now, int(wall * 1000))

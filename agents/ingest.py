@@ -62,7 +62,7 @@ def _closed_until(metadata: Optional[str]) -> int:
 def register(app: faust.App, ctx: Any) -> None:
     """Start an :class:`IngestService` with the app (``ctx.ingest``: the stages by stream)."""
     settings, m = ctx.settings, ctx.metrics
-    k = settings.kafka
+    k, w = settings.kafka, settings.worker
     inputs = settings.topics.inputs()
     by_topic = {name: stream for stream, name in inputs.items()}
     internal = {"aggregates": settings.topics.aggregates, "fraud": settings.topics.fraud}
@@ -115,7 +115,9 @@ def register(app: faust.App, ctx: Any) -> None:
             self.consumer = AIOKafkaConsumer(
                 bootstrap_servers=k.bootstrap_servers, group_id=f"{k.app_id}.ingest", client_id=f"{k.app_id}-ingest",
                 enable_auto_commit=False, auto_offset_reset=k.auto_offset_reset, max_partition_fetch_bytes=8 * 1024 * 1024,
-                fetch_max_bytes=64 * 1024 * 1024,
+                fetch_max_bytes=64 * 1024 * 1024, session_timeout_ms=int(w.session_timeout_s * 1000),
+                heartbeat_interval_ms=int(max(1.0, w.session_timeout_s / 3) * 1000),
+                group_instance_id=f"{w.instance_id}.ingest" if w.instance_id else None,
             )
             await self.consumer.start()
             self.consumer.subscribe(list(inputs.values()), listener=Listener())
@@ -222,12 +224,17 @@ def register(app: faust.App, ctx: Any) -> None:
                 self.next_offset[tp] = msgs[-1].offset + 1
             if batch:
                 self.last_records, self.pending_flush = now, True
-            # partitions with nothing more to read move on with the busy ones of their stream
+            # partitions with nothing more to read move on with the slowest busy partition of any
+            # stream (a sparse stream, such as service samples every few seconds, keeps up with the
+            # dense ones instead of holding every alert back by a window)
+            busy = [ctx.ingest[by_topic[tp.topic]].busy_progress([tp.partition]) for tp in batch]
+            busy = [b for b in busy if b is not None]
+            target = min(busy) if busy else None
             for stream, ing in ctx.ingest.items():
                 caught_up = [tp.partition for tp in self.consumer.assignment() if by_topic.get(tp.topic) == stream
                              and tp not in batch and self._caught_up(tp)]
                 if caught_up:
-                    futures += await self.send_all(ing.idle(caught_up))
+                    futures += await self.send_all(ing.idle(caught_up, target))
             if self.pending_flush and now - self.last_records >= IDLE_FLUSH_S:
                 self.pending_flush = False  # the streams went quiet: close every open window
                 for ing in ctx.ingest.values():

@@ -165,14 +165,19 @@ class IngestStage:
                 failed.append((j, f"{type(exc).__name__}: {str(exc)[:200]} (the batch failed with {first})"))
         return out, failed
 
-    def idle(self, partitions: Iterable[int]) -> list[AggregatesMessage]:
+    def idle(self, partitions: Iterable[int], target: Optional[int] = None) -> list[AggregatesMessage]:
         """These partitions are caught up (nothing more to read): they move on with the slowest of
-        the busy ones of this worker, so they do not hold stage 2 back."""
+        the busy ones of this stream on this worker (or to ``target``, the slowest busy partition
+        of every stream the worker reads: a sparse stream then keeps up with the dense ones), so
+        they do not hold stage 2 back. A record that arrives later for a window they closed is late."""
         idle = [p for p in partitions if p in self.parts]
         busy = [pa.closed_until for p, pa in self.parts.items() if p not in idle and pa.closed_until > -(2**61)]
-        if not busy or not idle:
+        if target is None:
+            if not busy:
+                return []
+            target = min(busy)
+        if not idle:
             return []
-        target = min(busy)
         out: list[AggregatesMessage] = []
         for p in idle:
             if self.parts[p].closed_until < target:
@@ -205,6 +210,11 @@ class IngestStage:
             out.extend(AggregatesMessage("fraud", i, encode_rows(partition, pa.closed_until, [], quiet, of))
                        for i in range(self.fraud_partitions))
         return out
+
+    def busy_progress(self, partitions: Iterable[int]) -> Optional[int]:
+        """The slowest progress among ``partitions`` (those that just had records)."""
+        marks = [self.parts[p].closed_until for p in partitions if p in self.parts and self.parts[p].closed_until > -(2**61)]
+        return min(marks) if marks else None
 
     def committable(self, partition: int, next_offset: int) -> int:
         pa = self.parts.get(partition)

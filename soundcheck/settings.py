@@ -9,6 +9,7 @@ Environment variables:
 * ``SOUNDCHECK_ENV``: development (default), staging or production.
 * ``SOUNDCHECK_CONFIG_DIR``: where the YAML files live (default: ``config/`` of the project).
 * ``KAFKA_BOOTSTRAP_SERVERS``: the Kafka cluster (overrides ``kafka.bootstrap_servers``).
+* ``SOUNDCHECK_INSTANCE_ID``: this worker's static group membership id (``worker.instance_id``).
 * ``SOUNDCHECK_PSEUDONYM_KEY``: the secret key for pseudonymising user ids (never logged);
   required outside development, where a fixed development key stands in.
 * ``SOUNDCHECK__SECTION__KEY=value``: override any key; the value is parsed as YAML.
@@ -75,6 +76,8 @@ class WorkerSettings:
     web_port: int
     max_future_skew_s: float
     log_level: str
+    instance_id: str
+    session_timeout_s: float
 
 
 @dataclass(frozen=True)
@@ -262,6 +265,8 @@ def load_settings(
     _merge(raw, _env_overrides(environ))
     if environ.get("KAFKA_BOOTSTRAP_SERVERS"):
         raw.setdefault("kafka", {})["bootstrap_servers"] = environ["KAFKA_BOOTSTRAP_SERVERS"]
+    if environ.get("SOUNDCHECK_INSTANCE_ID"):
+        raw.setdefault("worker", {})["instance_id"] = environ["SOUNDCHECK_INSTANCE_ID"]
     if overrides:
         _merge(raw, overrides)
     key = environ.get("SOUNDCHECK_PSEUDONYM_KEY", "").encode()

@@ -113,11 +113,9 @@ class AlertEngine:
         event-time order, moving the clock to each one's time first; then resolve, flush and release
         what is due."""
         st = self.scopes.get(scope)
-        if not st:
+        if not st or event_time <= st.get("now", 0):
             return []
         st = copy.deepcopy(dict(st))
-        if event_time <= st.get("now", 0):
-            return []
         out: list[dict[str, Any]] = []
         inbox = st.pop("inbox", [])
         ready = sorted((a for a in inbox if a["event_time"] <= event_time), key=_order)
