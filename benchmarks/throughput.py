@@ -415,15 +415,7 @@ async def read_bare(bootstrap: str, topics: Sequence[str], expected: int, timeou
 def wait_ready(proc: WorkerProcess, timeout: float = READY_TIMEOUT_S) -> None:
     """:meth:`WorkerProcess.wait_ready`, polling every ``POLL_S`` rather than 0.25 s: a process that
     reads fast has done much of the work within a quarter of a second."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.proc and proc.proc.poll() is not None:
-            raise RuntimeError(f"{proc.log_path.stem} exited with code {proc.proc.returncode}; its log:\n{proc.log_tail()}")
-        h = proc.health()
-        if h and h.get("ready", h.get("assigned_partitions", 0) > 0 and not h.get("rebalancing")):
-            return
-        time.sleep(POLL_S)
-    raise TimeoutError(f"{proc.log_path.stem} was not ready within {timeout:.0f} s; its log:\n{proc.log_tail()}")
+    proc.wait_ready(timeout, poll_s=POLL_S)
 
 
 def read_process(lab: Lab, kind: str, env: dict[str, str], tag: str, metric: str, expected: int, timeout: float) -> Reading:

@@ -62,8 +62,8 @@ class WorkerProcess:
         except Exception:
             return -1.0
 
-    def wait_ready(self, timeout: float = 90.0) -> dict[str, Any]:
-        """Wait until the worker answers and has partitions assigned."""
+    def wait_ready(self, timeout: float = 90.0, poll_s: float = 0.25) -> dict[str, Any]:
+        """Wait until the worker answers and has partitions assigned (``ready`` in its /health)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc and self.proc.poll() is not None:
@@ -71,7 +71,7 @@ class WorkerProcess:
             h = self.health()
             if h and h.get("ready", h.get("assigned_partitions", 0) > 0 and not h.get("rebalancing")):
                 return h
-            time.sleep(0.25)
+            time.sleep(poll_s)
         raise TimeoutError(f"the worker was not ready within {timeout} s; its log:\n{self.log_tail()}")
 
     def wait_for(self, condition: Callable[[], bool], timeout: float, what: str) -> None:
