@@ -177,7 +177,13 @@ def register(app: faust.App, ctx: Any) -> None:
                         await self.process(batch)
                     except Exception:
                         log.exception("soundcheck.ingest: a batch could not be sent; reading again from the last commit")
-                        await self.rewind()
+                        while not self.should_stop:
+                            try:
+                                await self.rewind()
+                                break
+                            except Exception as exc:  # the broker is away: try again, never give up the loop
+                                log.warning("soundcheck.ingest: rewinding failed (%s: %s); retrying", type(exc).__name__, exc)
+                                await asyncio.sleep(2.0)
 
         async def process(self, batch: dict) -> None:
             started = time.perf_counter()
@@ -293,10 +299,14 @@ def register(app: faust.App, ctx: Any) -> None:
                 ing.drop(tp.partition)
                 meta = committed.get(tp)
                 if meta is not None and meta.offset >= 0:
-                    ing.get(tp.partition, _closed_until(meta.metadata))
+                    closed = _closed_until(meta.metadata)
+                    ing.get(tp.partition, closed)
+                    ing.sent_progress[tp.partition] = closed
+                    self.start_offset[tp] = meta.offset
                     self.consumer.seek(tp, meta.offset)
                 else:
                     ing.get(tp.partition)
+                    self.start_offset[tp] = 0
                     await self.consumer.seek_to_beginning(tp)
             await asyncio.sleep(1.0)
 
