@@ -69,11 +69,12 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         producer_max_request_size=8 * 1024 * 1024,
         broker_commit_every=10_000,
         broker_commit_interval=1.0,
-        # failover: a crashed worker's partitions move after session_timeout_s; with a static
-        # instance id, its replacement takes them back at once (KIP-345)
+        # failover: a crashed worker's partitions move after session_timeout_s. No static membership
+        # here: faust-streaming 0.15's assignor asserts that the assignment's metadata carries this
+        # process's URL, which a static member handed its predecessor's assignment fails (the worker
+        # then never processes); the ingest consumer (agents/ingest.py) does use worker.instance_id
         broker_session_timeout=w.session_timeout_s,
         broker_heartbeat_interval=max(1.0, w.session_timeout_s / 3),
-        consumer_group_instance_id=f"{w.instance_id}" if w.instance_id else None,
     )
     ctx = WorkerContext(
         settings=settings,
