@@ -262,7 +262,10 @@ def register(app: faust.App, ctx: Any) -> None:
                 m.batch_seconds.labels(stream="ingest").observe(time.perf_counter() - started)
                 if oldest is not None:
                     m.processing_latency.labels(stream="ingest").observe(max(0.0, time.time() - oldest / 1000))
-            await self.commit()
+            try:
+                await self.commit()
+            except Exception as exc:  # a rebalance under way, say: the offsets are committed later (or read again)
+                log.warning("soundcheck.ingest: commit failed (%s: %s); committing later", type(exc).__name__, exc)
 
         def _caught_up(self, tp: Any) -> bool:
             """Nothing more to read on ``tp`` (an empty partition included) as of the last fetch."""
