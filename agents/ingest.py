@@ -35,6 +35,7 @@ from soundcheck.pipeline import STREAMS, AggregatesMessage, IngestStage
 
 log = logging.getLogger(__name__)
 IDLE_FLUSH_S = 5.0  # close open windows when a stream has been quiet this long (wall time)
+IDLE_GRACE_S = 1.0  # an input partition with nothing to read counts as idle only after this long (wall time)
 COMMIT_EVERY_S = 1.0  # commit input offsets at most this often (and on revoke and stop)
 MAX_RECORDS = 20_000  # messages per getmany
 
@@ -80,6 +81,7 @@ def register(app: faust.App, ctx: Any) -> None:
             self.lock = asyncio.Lock()
             self.next_offset: dict[Any, int] = {}
             self.start_offset: dict[Any, int] = {}  # where reading began after the assignment (the commit)
+            self.caught_since: dict[Any, float] = {}  # input partition -> wall time it was first seen with nothing to read
             self.last_commit = 0.0
             self.last_records = time.time()
             self.pending_flush = False
@@ -147,6 +149,7 @@ def register(app: faust.App, ctx: Any) -> None:
                     ctx.ingest[by_topic[tp.topic]].drop(tp.partition)
                     self.next_offset.pop(tp, None)
                     self.start_offset.pop(tp, None)
+                    self.caught_since.pop(tp, None)
 
         async def on_assigned(self, assigned: Any) -> None:
             async with self.lock:
@@ -236,9 +239,16 @@ def register(app: faust.App, ctx: Any) -> None:
             busy = [ctx.ingest[by_topic[tp.topic]].busy_progress([tp.partition]) for tp in batch]
             busy = [b for b in busy if b is not None]
             target = min(busy) if busy else None
+            for tp in self.consumer.assignment():
+                if tp in batch or not self._caught_up(tp):
+                    self.caught_since.pop(tp, None)
+                else:
+                    self.caught_since.setdefault(tp, now)
             for stream, ing in ctx.ingest.items():
-                caught_up = [tp.partition for tp in self.consumer.assignment() if by_topic.get(tp.topic) == stream
-                             and tp not in batch and self._caught_up(tp)]
+                # caught up for IDLE_GRACE_S (Kafka Streams' max.task.idle.ms): a partition whose
+                # producer is only a moment behind the others is not taken for idle
+                caught_up = [tp.partition for tp, since in self.caught_since.items()
+                             if by_topic.get(tp.topic) == stream and now - since >= IDLE_GRACE_S]
                 if caught_up:
                     futures += await self.send_all(ing.idle(caught_up, target))
             if self.pending_flush and now - self.last_records >= IDLE_FLUSH_S:
@@ -296,6 +306,7 @@ def register(app: faust.App, ctx: Any) -> None:
             """Something was not acknowledged: forget stage 1 and read again from the last commit."""
             assigned = set(self.consumer.assignment())
             self.next_offset.clear()
+            self.caught_since.clear()
             committed = await self.consumer._coordinator.fetch_committed_offsets(list(assigned))
             for tp in assigned:
                 ing = ctx.ingest[by_topic[tp.topic]]
