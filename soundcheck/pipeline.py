@@ -252,15 +252,6 @@ class DetectStage:
             publish(a, self.settings)
         return out
 
-    def advance(self, now: Optional[float] = None) -> list[Anomaly]:
-        out: list[Anomaly] = []
-        for st in self.stages.values():
-            found = st.advance(now)
-            for a in found:
-                publish(a, self.settings)
-            out += found
-        return out + self.fraud.advance(now)
-
     def flush(self) -> list[Anomaly]:
         out: list[Anomaly] = []
         for st in self.stages.values():
