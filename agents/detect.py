@@ -247,6 +247,7 @@ class SnapshotKeeper:
             producer = AIOKafkaProducer(
                 bootstrap_servers=self.settings.kafka.bootstrap_servers, client_id=f"{self.settings.kafka.app_id}-snapshots",
                 acks="all", max_request_size=SNAPSHOT_MAX_BYTES + 1024 * 1024, request_timeout_ms=int(SEND_TIMEOUT_S * 1000),
+                **self.settings.kafka_client(),
             )
             await producer.start()
             self._producer = producer
@@ -364,7 +365,10 @@ class SnapshotKeeper:
         keys = {f"{s}:{p}".encode(): (s, p) for s, p in wanted}
         started = time.monotonic()
         try:
-            found = await read_latest(self.settings.kafka.bootstrap_servers, self.topic, set(keys), timeout=RESTORE_TIMEOUT_S)
+            found = await read_latest(
+                self.settings.kafka.bootstrap_servers, self.topic, set(keys), timeout=RESTORE_TIMEOUT_S,
+                client=self.settings.kafka_client(),
+            )
         except Exception as exc:
             for s in {s for s, _ in wanted}:
                 self.metrics.snapshot_failures.labels(stream=s).inc()

@@ -102,7 +102,7 @@ def register(app: faust.App, ctx: Any) -> None:
 
             self.producer = AIOKafkaProducer(
                 bootstrap_servers=k.bootstrap_servers, client_id=f"{k.app_id}-ingest", acks="all", enable_idempotence=True,
-                linger_ms=5, max_request_size=8 * 1024 * 1024,
+                linger_ms=5, max_request_size=8 * 1024 * 1024, **settings.kafka_client(),
             )
             await self.producer.start()
             # the internal topics' real partition counts (created by this or another worker) decide the routing
@@ -119,7 +119,7 @@ def register(app: faust.App, ctx: Any) -> None:
                 enable_auto_commit=False, auto_offset_reset=k.auto_offset_reset, max_partition_fetch_bytes=8 * 1024 * 1024,
                 fetch_max_bytes=64 * 1024 * 1024, session_timeout_ms=int(w.session_timeout_s * 1000),
                 heartbeat_interval_ms=int(max(1.0, w.session_timeout_s / 3) * 1000),
-                group_instance_id=f"{w.instance_id}.ingest" if w.instance_id else None,
+                group_instance_id=f"{w.instance_id}.ingest" if w.instance_id else None, **settings.kafka_client(),
             )
             await self.consumer.start()
             self.consumer.subscribe(list(inputs.values()), listener=Listener())

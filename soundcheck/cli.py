@@ -25,7 +25,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from streams.app import create_app
 
     from soundcheck.kafka.admin import ensure_topics
-
+    from soundcheck.kafka.security import ConnectError, check_connection, describe_connect_error
     from soundcheck.settings import DEVELOPMENT_PSEUDONYM_KEY
 
     settings = _settings(args)
@@ -33,10 +33,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
         print("soundcheck worker: SOUNDCHECK_PSEUDONYM_KEY is not set; user ids are hashed with a development key",
               file=sys.stderr)
     try:
+        asyncio.run(check_connection(settings.kafka.bootstrap_servers, settings.kafka.security, settings.kafka_secrets))
         created = ensure_topics(settings)
     except Exception as exc:
-        print(f"soundcheck worker: cannot reach Kafka at {settings.kafka.bootstrap_servers}: {type(exc).__name__}: {exc}\n"
-              "  start a local broker with 'soundcheck kafka start' or set KAFKA_BOOTSTRAP_SERVERS", file=sys.stderr)
+        why = str(exc) if isinstance(exc, ConnectError) else describe_connect_error(
+            exc, settings.kafka.security, settings.kafka.bootstrap_servers)
+        print(f"soundcheck worker: {why}", file=sys.stderr)
         return 2
     if created:
         print(f"soundcheck worker: created topics {', '.join(created)}", file=sys.stderr)

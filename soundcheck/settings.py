@@ -10,6 +10,8 @@ Environment variables:
 * ``SOUNDCHECK_CONFIG_DIR``: where the YAML files live (default: ``config/`` of the project).
 * ``KAFKA_BOOTSTRAP_SERVERS``: the Kafka cluster (overrides ``kafka.bootstrap_servers``).
 * ``SOUNDCHECK_INSTANCE_ID``: this worker's static group membership id (``worker.instance_id``).
+* ``SOUNDCHECK_KAFKA_SASL_PASSWORD`` / ``SOUNDCHECK_KAFKA_SSL_KEY_PASSWORD``: Kafka secrets for
+  ``kafka.security`` (see :mod:`soundcheck.kafka.security`; never logged).
 * ``SOUNDCHECK_PSEUDONYM_KEY``: the secret key for pseudonymising user ids (never logged);
   required outside development, where a fixed development key stands in.
 * ``SOUNDCHECK__SECTION__KEY=value``: override any key; the value is parsed as YAML.
@@ -48,6 +50,8 @@ class KafkaSettings:
     partitions: int
     replication_factor: int
     auto_offset_reset: str
+    #: how clients authenticate (soundcheck.kafka.security); secrets live in Settings.kafka_secrets
+    security: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -107,6 +111,7 @@ class Settings:
     privacy: Mapping[str, Any]
     alerting: Mapping[str, Any]
     pseudonym_key: bytes = field(default=b"", repr=False)
+    kafka_secrets: Mapping[str, str] = field(default_factory=dict, repr=False)
 
     def __repr__(self) -> str:  # the key never shows, whatever prints the settings
         return f"Settings(env={self.env!r}, bootstrap={self.kafka.bootstrap_servers!r}, app_id={self.kafka.app_id!r})"
@@ -115,16 +120,24 @@ class Settings:
         """How to read a metric: its bad direction, how much users feel it, its service node."""
         return self.metrics.get(name) or self.metrics["default"]
 
+    def kafka_client(self) -> dict[str, Any]:
+        """Keyword arguments that make any aiokafka client connect as ``kafka.security`` says."""
+        from soundcheck.kafka.security import client_options
+
+        return client_options(self.kafka.security, self.kafka_secrets)
+
     def replace(self, **sections: Any) -> "Settings":
-        """A copy with whole sections or nested keys replaced: ``replace(topics={"alerts": "x"})``."""
+        """A copy with whole sections or nested keys replaced: ``replace(topics={"alerts": "x"})``
+        (``kafka_secrets=`` replaces the Kafka secrets)."""
+        secrets = sections.pop("kafka_secrets", self.kafka_secrets)
         raw = self.to_dict()
         _merge(raw, sections)
-        return _build(raw, self.env, self.pseudonym_key)
+        return _build(raw, self.env, self.pseudonym_key, secrets)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for f in fields(self):
-            if f.name in ("env", "pseudonym_key"):
+            if f.name in ("env", "pseudonym_key", "kafka_secrets"):
                 continue
             value = getattr(self, f.name)
             if hasattr(value, "__dataclass_fields__"):
@@ -184,6 +197,12 @@ def _section(cls: type, raw: Mapping[str, Any], name: str) -> Any:
         raise SettingsError(f"config: section {name!r} is missing")
     kwargs = {}
     for f in fields(cls):
+        if f.type == "Mapping[str, Any]":  # a nested section, optional
+            value = data.get(f.name) or {}
+            if not isinstance(value, Mapping):
+                raise SettingsError(f"config: {name}.{f.name} must be a mapping")
+            kwargs[f.name] = dict(value)
+            continue
         if f.name not in data:
             raise SettingsError(f"config: {name}.{f.name} is missing")
         value = data[f.name]
@@ -214,7 +233,9 @@ def _check_acyclic(deps: Mapping[str, list[str]]) -> None:
         visit(node, ())
 
 
-def _build(raw: dict[str, Any], env: str, key: bytes) -> Settings:
+def _build(raw: dict[str, Any], env: str, key: bytes, kafka_secrets: Mapping[str, str]) -> Settings:
+    from soundcheck.kafka.security import SecurityError, normalise
+
     for name in ("detection", "metrics", "classification", "services", "runbooks", "privacy", "alerting"):
         if not isinstance(raw.get(name), Mapping):
             raise SettingsError(f"config: section {name!r} is missing")
@@ -228,9 +249,14 @@ def _build(raw: dict[str, Any], env: str, key: bytes) -> Settings:
             if dep not in raw["services"]:
                 raise SettingsError(f"config: services.{svc} depends on unknown service {dep!r}")
     _check_acyclic({svc: spec.get("dependencies", []) for svc, spec in raw["services"].items()})
+    kafka = _section(KafkaSettings, raw, "kafka")
+    try:
+        kafka = KafkaSettings(**{**kafka.__dict__, "security": normalise(kafka.security)})
+    except SecurityError as exc:
+        raise SettingsError(str(exc)) from None
     settings = Settings(
         env=env,
-        kafka=_section(KafkaSettings, raw, "kafka"),
+        kafka=kafka,
         topics=_section(TopicSettings, raw, "topics"),
         worker=_section(WorkerSettings, raw, "worker"),
         windows=_section(WindowSettings, raw, "windows"),
@@ -242,6 +268,7 @@ def _build(raw: dict[str, Any], env: str, key: bytes) -> Settings:
         privacy=raw["privacy"],
         alerting=raw["alerting"],
         pseudonym_key=key,
+        kafka_secrets=dict(kafka_secrets),
     )
     if settings.windows.aggregate_s <= 0:
         raise SettingsError("config: windows.aggregate_s must be positive")
@@ -274,4 +301,10 @@ def load_settings(
         if env != "development":
             raise SettingsError(f"SOUNDCHECK_PSEUDONYM_KEY must be set in {env} (user ids in alerts are keyed hashes)")
         key = DEVELOPMENT_PSEUDONYM_KEY
-    return _build(raw, env, key)
+    from soundcheck.kafka.security import SecurityError, read_secrets
+
+    try:
+        kafka_secrets = read_secrets((raw.get("kafka") or {}).get("security") or {}, environ)
+    except SecurityError as exc:
+        raise SettingsError(str(exc)) from None
+    return _build(raw, env, key, kafka_secrets)

@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry
 
 from soundcheck.alerting.correlate import ServiceGraph
 from soundcheck.ingest.contracts import Contract, load_contracts
+from soundcheck.kafka.security import faust_credentials
 from soundcheck.metrics import WorkerMetrics
 from soundcheck.settings import Settings
 
@@ -52,6 +53,7 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
     app = faust.App(
         k.app_id,
         broker=broker_urls(k.bootstrap_servers),
+        broker_credentials=faust_credentials(k.security, settings.kafka_secrets),
         store="memory://",
         datadir=str(datadir),
         topic_partitions=k.partitions,

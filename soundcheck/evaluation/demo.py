@@ -65,7 +65,8 @@ def run_demo(settings: Settings, *, rate: float, duration_s: int, seed: int, bat
             app_id = settings.kafka.app_id
             print(f"demo: broker up at {bootstrap}")
         settings = settings.replace(kafka={"bootstrap_servers": bootstrap, "app_id": app_id}, topics=topics)
-        asyncio.run(ensure_topics_async(bootstrap, worker_topics(settings), settings.kafka.partitions, settings.kafka.replication_factor))
+        asyncio.run(ensure_topics_async(bootstrap, worker_topics(settings), settings.kafka.partitions, settings.kafka.replication_factor,
+                                         client=settings.kafka_client()))
         worker = WorkerProcess(worker_env(bootstrap, app_id, topics, workdir / "worker-data"), workdir / "worker.log").start()
         print(f"demo: worker starting (log: {worker.log_path}) ...", flush=True)
         worker.wait_ready()
@@ -92,7 +93,8 @@ async def _replay(settings: Settings, worker: WorkerProcess, *, rate: float, dur
         print(_line(alert, start_ms, color), flush=True)
 
     reader = asyncio.create_task(
-        read_topic(settings.kafka.bootstrap_servers, settings.topics.alerts, until=lambda _: False, timeout=3600, on_record=show, stop=stop)
+        read_topic(settings.kafka.bootstrap_servers, settings.topics.alerts, until=lambda _: False, timeout=3600, on_record=show, stop=stop,
+                   client=settings.kafka_client())
     )
     truth = await produce(sim, settings, batch=batch, progress=lambda line: print("  " + line, file=sys.stderr, flush=True),
                           progress_every_s=3.0)

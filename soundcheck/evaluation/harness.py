@@ -122,9 +122,12 @@ async def read_topic(
     timeout: float,
     on_record: Optional[Callable[[Any], None]] = None,
     stop: Optional[asyncio.Event] = None,
+    client: Optional[Mapping[str, Any]] = None,
 ) -> list[Any]:
     """Read ``topic`` from the beginning until ``until(records)`` holds, ``stop`` is set or the timeout."""
-    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False, group_id=None)
+    consumer = AIOKafkaConsumer(
+        topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest", enable_auto_commit=False, group_id=None, **(client or {})
+    )
     await consumer.start()
     out: list[Any] = []
     deadline = time.monotonic() + timeout

@@ -44,6 +44,7 @@ async def produce(
         max_batch_size=1_048_576,
         max_request_size=8_388_608,
         acks=1,
+        **settings.kafka_client(),
     )
     await producer.start()
     messages = 0

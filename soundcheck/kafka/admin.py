@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Mapping, Optional
+from typing import Any, Mapping, Optional
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
@@ -52,13 +52,14 @@ def topic_config(name: str) -> dict[str, str]:
 
 async def ensure_topics_async(
     bootstrap: str, names: list[str], partitions: int, replication: int, timeout: float = 60.0,
-    configs: Optional[Mapping[str, Mapping[str, str]]] = None,
+    configs: Optional[Mapping[str, Mapping[str, str]]] = None, client: Optional[Mapping[str, Any]] = None,
 ) -> list[str]:
     """Create the topics that do not exist yet; returns the ones created.
 
     ``configs`` gives topic configs by name (default: :func:`topic_config`, which makes any
-    ``*.snapshots`` topic compacted with large messages)."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout * 1000))
+    ``*.snapshots`` topic compacted with large messages). ``client``: connection options
+    (``Settings.kafka_client()``: security protocol, SASL, TLS)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout * 1000), **(client or {}))
     await admin.start()
     try:
         existing = set(await admin.list_topics())
@@ -84,14 +85,15 @@ async def ensure_topics_async(
 def ensure_topics(settings: Settings) -> list[str]:
     return asyncio.run(
         ensure_topics_async(
-            settings.kafka.bootstrap_servers, worker_topics(settings), settings.kafka.partitions, settings.kafka.replication_factor
+            settings.kafka.bootstrap_servers, worker_topics(settings), settings.kafka.partitions, settings.kafka.replication_factor,
+            client=settings.kafka_client(),
         )
     )
 
 
-async def topic_partitions(bootstrap: str, topic: str, timeout: float = 30.0) -> list[int]:
+async def topic_partitions(bootstrap: str, topic: str, timeout: float = 30.0, client: Optional[Mapping[str, Any]] = None) -> list[int]:
     """The partition numbers of ``topic`` (empty if it does not exist)."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout * 1000))
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=int(timeout * 1000), **(client or {}))
     await admin.start()
     try:
         for t in await admin.describe_topics([topic]):
@@ -103,20 +105,22 @@ async def topic_partitions(bootstrap: str, topic: str, timeout: float = 30.0) ->
 
 
 async def read_latest(
-    bootstrap: str, topic: str, keys: Optional[set[bytes]] = None, timeout: float = 60.0, max_bytes: int = SNAPSHOT_MAX_BYTES
+    bootstrap: str, topic: str, keys: Optional[set[bytes]] = None, timeout: float = 60.0, max_bytes: int = SNAPSHOT_MAX_BYTES,
+    client: Optional[Mapping[str, Any]] = None,
 ) -> dict[bytes, bytes]:
     """The latest value per key of a (compacted) topic, read from the beginning to the end
     offsets at the time of the call; only ``keys`` if given. A tombstone removes its key.
     Raises ``TimeoutError`` when the end is not reached within ``timeout`` s."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
-    parts = await topic_partitions(bootstrap, topic, timeout)
+    parts = await topic_partitions(bootstrap, topic, timeout, client)
     if not parts:
         return {}
     fetch = max_bytes + 1024 * 1024
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False, auto_offset_reset="earliest",
         max_partition_fetch_bytes=fetch, fetch_max_bytes=fetch, request_timeout_ms=int(max(timeout, 30) * 1000),
+        **(client or {}),
     )
     await consumer.start()
     try:

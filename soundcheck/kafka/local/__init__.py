@@ -43,7 +43,7 @@ import tempfile
 import time
 import uuid
 import weakref
-from collections.abc import Coroutine, Iterator
+from collections.abc import Coroutine, Iterator, Mapping
 from datetime import UTC, datetime
 from importlib import resources
 from pathlib import Path
@@ -355,8 +355,17 @@ class LocalKafka:
         controller_port: int | None = None,
         heap: str = "512m",
         version: str = KAFKA_VERSION,
+        sasl_users: Mapping[str, str] | None = None,
+        sasl_port: int | None = None,
     ) -> None:
         self._owned = _Owned()
+        #: users (name -> password) of an extra SASL_PLAINTEXT listener (PLAIN, SCRAM-SHA-256 and
+        #: SCRAM-SHA-512), for testing authenticated clients; the PLAINTEXT listener stays
+        self.sasl_users = dict(sasl_users or {})
+        for name, password in self.sasl_users.items():
+            if not re.fullmatch(r"[A-Za-z0-9_.-]+", name) or any(c in password for c in '"\\,=[]'):
+                raise ValueError(f"SASL user {name!r}: use [A-Za-z0-9_.-] for names and no quotes, commas, '=' or brackets in passwords")
+        self.sasl_port = (sasl_port or free_port()) if self.sasl_users else None
         if data_dir is None:
             data_dir = self._owned.temp_dir = Path(tempfile.mkdtemp(prefix="soundcheck-kafka-"))
         self.data_dir = Path(data_dir)
@@ -374,6 +383,13 @@ class LocalKafka:
     def bootstrap(self) -> str:
         """The ``bootstrap.servers`` string, ``127.0.0.1:PORT``."""
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def sasl_bootstrap(self) -> str:
+        """The SASL_PLAINTEXT listener's ``bootstrap.servers`` (only with ``sasl_users``)."""
+        if self.sasl_port is None:
+            raise BrokerError("this broker has no SASL listener: pass sasl_users to LocalKafka")
+        return f"127.0.0.1:{self.sasl_port}"
 
     @property
     def log_path(self) -> Path:
@@ -401,8 +417,8 @@ class LocalKafka:
             return self.bootstrap
         libs = ensure_jars(self.version)
         java = _java()
-        for port in (self.port, self.controller_port):
-            if not _port_free(port):
+        for port in (self.port, self.controller_port, self.sasl_port):
+            if port is not None and not _port_free(port):
                 raise BrokerError(f"port {port} on 127.0.0.1 is already in use; pick another one for the Kafka broker")
         self.data_dir.mkdir(parents=True, exist_ok=True)
         # The java process inherits this locked file and holds the lock for as long as it
@@ -469,6 +485,17 @@ class LocalKafka:
             "group.initial.rebalance.delay.ms": "0",
             "auto.create.topics.enable": "true",
         }
+        if self.sasl_users:
+            sasl = f"SASL_PLAINTEXT://127.0.0.1:{self.sasl_port}"
+            props["listeners"] = props["listeners"].replace(",CONTROLLER", f",{sasl},CONTROLLER")
+            props["advertised.listeners"] += f",{sasl}"
+            props["listener.security.protocol.map"] += ",SASL_PLAINTEXT:SASL_PLAINTEXT"
+            props["sasl.enabled.mechanisms"] = "PLAIN,SCRAM-SHA-256,SCRAM-SHA-512"
+            users = " ".join(f'user_{name}="{pw}"' for name, pw in self.sasl_users.items())
+            prefix = "listener.name.sasl_plaintext"
+            props[f"{prefix}.plain.sasl.jaas.config"] = f"org.apache.kafka.common.security.plain.PlainLoginModule required {users};"
+            for mech in ("scram-sha-256", "scram-sha-512"):
+                props[f"{prefix}.{mech}.sasl.jaas.config"] = "org.apache.kafka.common.security.scram.ScramLoginModule required;"
         text = "# Written by soundcheck.kafka.local on each start.\n" + "".join(f"{k}={v}\n" for k, v in props.items())
         (self.data_dir / "server.properties").write_text(text)
         (self.data_dir / "log4j2.properties").write_text(_LOG4J2)
@@ -481,6 +508,9 @@ class LocalKafka:
     def _format(self, java: str, libs: Path) -> None:
         cmd = [*self._jvm(java, libs, "-Xmx256m"), "kafka.tools.StorageTool", "format", "--ignore-formatted",
                "-t", _cluster_id(), "-c", str(self.data_dir / "server.properties")]  # fmt: skip
+        for name, password in self.sasl_users.items():  # SCRAM credentials live in the metadata log
+            for mech in ("SCRAM-SHA-256", "SCRAM-SHA-512"):
+                cmd += ["--add-scram", f"{mech}=[name={name},password={password}]"]
         done = subprocess.run(
             cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             text=True, errors="replace", timeout=120, check=False,
