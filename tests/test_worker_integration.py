@@ -9,7 +9,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import re
 import time
+import zlib
 
 import jsonschema
 import orjson
@@ -36,7 +38,7 @@ def scenario_run(kafka_bootstrap, unique_name, tmp_path_factory):
 
     tmp = tmp_path_factory.mktemp("e2e")
     s = isolated(load_settings("development", environ={}), kafka_bootstrap, unique_name)
-    worker = start_worker(s, tmp)
+    worker = start_worker(s, tmp, extra={"SOUNDCHECK_SNAPSHOT_INTERVAL_S": "5"})
     try:
         worker.wait_ready()
         sim = Simulator(seed=21, rate=100, duration_s=900, start_ms=(int(time.time()) - 1000) * 1000)
@@ -51,9 +53,59 @@ def scenario_run(kafka_bootstrap, unique_name, tmp_path_factory):
         alerts = asyncio.run(read_topic(kafka_bootstrap, s.topics.alerts, until=lambda r: len(r) >= n_alerts, timeout=60))
         dead = asyncio.run(read_topic(kafka_bootstrap, s.topics.dead_letter, until=lambda r: len(r) >= bad, timeout=60))
         metrics = worker.metrics()
-        yield s, sim, truth, alerts, dead, metrics
+        metrics_text = worker._get("/metrics")
+        assert worker.stop() == 0  # a clean stop writes the last snapshots
+        raw, records = asyncio.run(_raw_ids_by_topic(s, sim.tag))
+        assert records[s.kafka.app_id + ".snapshots"] > 0, records  # the scan has snapshots to look into
+        raw["(worker log)"] = len(set(_raw_id_pattern(sim.tag).findall(worker.log_path.read_bytes())))
+        raw["(/metrics)"] = len(set(_raw_id_pattern(sim.tag).findall(metrics_text)))
+        print("\nraw user/device ids by topic:", raw)
+        yield s, sim, truth, alerts, dead, metrics, raw
     finally:
         worker.stop()
+
+
+def _raw_id_pattern(tag: str) -> "re.Pattern[bytes]":
+    """The simulator's raw user and device ids (``u-<tag>-...``, ``dev-<tag>-...``, ``farmdev-<tag>-...``),
+    also inside session ids."""
+    return re.compile(rb"(?:u|dev|farmdev)-" + tag.encode() + rb"-[a-z0-9-]+")
+
+
+async def _raw_ids_by_topic(s, tag: str) -> tuple[dict[str, int], dict[str, int]]:
+    """Distinct raw ids in every topic the worker reads or writes, read to its end; snapshots are
+    unpacked (their payload is zlib-compressed) so that compression hides nothing."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    from soundcheck.kafka.admin import topic_partitions, worker_topics
+    from soundcheck.snapshots import decode_header
+
+    pattern, out, counts = _raw_id_pattern(tag), {}, {}
+    consumer = AIOKafkaConsumer(bootstrap_servers=s.kafka.bootstrap_servers, group_id=None, enable_auto_commit=False,
+                                auto_offset_reset="earliest", max_partition_fetch_bytes=32 << 20, fetch_max_bytes=64 << 20)
+    await consumer.start()
+    try:
+        for topic in worker_topics(s):
+            tps = [TopicPartition(topic, p) for p in await topic_partitions(s.kafka.bootstrap_servers, topic)]
+            found: set[bytes] = set()
+            if tps:
+                consumer.assign(tps)
+                await consumer.seek_to_beginning(*tps)
+                end = await consumer.end_offsets(tps)
+                while [tp for tp in tps if await consumer.position(tp) < end[tp]]:
+                    for records in (await consumer.getmany(timeout_ms=500)).values():
+                        counts[topic] = counts.get(topic, 0) + len(records)
+                        for r in records:
+                            for blob in (r.key or b"", r.value or b""):
+                                found.update(pattern.findall(blob))
+                                try:
+                                    found.update(pattern.findall(zlib.decompress(decode_header(blob)[1])))
+                                except Exception:
+                                    pass  # not a snapshot
+            out[topic] = len(found)
+            counts.setdefault(topic, 0)
+    finally:
+        await consumer.stop()
+    return out, counts
 
 
 def _drained(worker: WorkerProcess) -> bool:
@@ -65,7 +117,7 @@ def _drained(worker: WorkerProcess) -> bool:
 
 
 def test_each_injected_incident_alerts_on_the_right_entity_with_a_plausible_severity(scenario_run):
-    s, sim, truth, alerts, dead, metrics = scenario_run
+    s, sim, truth, alerts, dead, metrics, raw = scenario_run
     report = evaluate([orjson.loads(r.value) for r in alerts], truth, s)
     for row in report["scenarios"]:
         if row.get("must_not_page"):
@@ -75,12 +127,12 @@ def test_each_injected_incident_alerts_on_the_right_entity_with_a_plausible_seve
 
 
 def test_the_benign_surge_pages_nobody(scenario_run):
-    s, sim, truth, alerts, dead, metrics = scenario_run
+    s, sim, truth, alerts, dead, metrics, raw = scenario_run
     assert evaluate([orjson.loads(r.value) for r in alerts], truth, s)["benign_pages"] == 0
 
 
 def test_alerts_are_keyed_by_fingerprint_and_match_the_alert_schema(scenario_run):
-    s, sim, truth, alerts, dead, metrics = scenario_run
+    s, sim, truth, alerts, dead, metrics, raw = scenario_run
     schema = json.loads((SCHEMA_DIR / "alert.schema.json").read_text())
     assert alerts
     for r in alerts:
@@ -91,7 +143,7 @@ def test_alerts_are_keyed_by_fingerprint_and_match_the_alert_schema(scenario_run
 
 
 def test_every_malformed_record_is_dead_lettered_with_its_origin_and_nothing_else_is_lost(scenario_run):
-    s, sim, truth, alerts, dead, metrics = scenario_run
+    s, sim, truth, alerts, dead, metrics, raw = scenario_run
     schema = json.loads((SCHEMA_DIR / "dead_letter.schema.json").read_text())
     assert len(dead) == truth["produced_malformed"] == 30
     for r in dead:
@@ -104,6 +156,15 @@ def test_every_malformed_record_is_dead_lettered_with_its_origin_and_nothing_els
     valid = sum(truth["produced_valid"].values())
     read = sum(v for k, v in metrics.items() if k.startswith("soundcheck_events_in_total"))
     assert read == valid  # every valid record was read exactly once, bad ones did not take good ones with them
+
+
+def test_nothing_the_worker_writes_holds_a_raw_user_or_device_id(scenario_run):
+    s, sim, truth, alerts, dead, metrics, raw = scenario_run
+    snapshots = s.kafka.app_id + ".snapshots"
+    assert raw[s.topics.behavior] > 100 and raw[s.topics.audio] > 100  # the scan does find raw ids where they are
+    assert raw[snapshots] == 0 and raw[s.topics.aggregates] == 0 and raw[s.topics.fraud] == 0
+    outside = {t: n for t, n in raw.items() if t not in (*s.topics.inputs().values(), s.topics.dead_letter)}
+    assert all(n == 0 for n in outside.values()), outside
 
 
 def test_two_workers_share_the_partitions_of_one_consumer_group(kafka_bootstrap, unique_name, tmp_path, settings):
@@ -132,7 +193,7 @@ def test_the_detection_goals_hold_through_the_real_broker(scenario_run):
     """`soundcheck eval scenarios` measures these offline; the same check on one scenario run through Kafka."""
     from soundcheck.evaluation.scenarios import GOALS, score_run
 
-    s, sim, truth, alerts, dead, metrics = scenario_run
+    s, sim, truth, alerts, dead, metrics, raw = scenario_run
     r = score_run([orjson.loads(a.value) for a in alerts], truth, s)
     assert r["recall"] >= GOALS["recall"], r["scenarios"]
     assert r["precision"] >= GOALS["precision"], r["unmatched"]

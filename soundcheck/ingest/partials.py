@@ -424,7 +424,7 @@ def fraud_rows(records: Sequence[Any], closed_until: int, size_ms: int, pseudony
                offsets: Optional[Sequence[int]] = None) -> dict[int, list[list]]:
     """Compact rows of the behaviour events the fraud detector reads, grouped by the fraud
     topic's partition of their user: ``[ts, user, event_type, device, country, segment, artist,
-    payment_method, source offset]`` with user and device pseudonymised (the offset lets the
+    payment_method, source offset]`` with user, device and payment method pseudonymised (the offset lets the
     fraud stage skip rows it already has when a partition is read again). Late records (their window already
     closed on this partition) are left out, as stage 1 leaves them out of the aggregates.
 
@@ -447,6 +447,8 @@ def fraud_rows(records: Sequence[Any], closed_until: int, size_ms: int, pseudony
             bucket = where[u] = out.setdefault(part, [])
         dev = r.device_id
         et = r.event_type
-        bucket.append([ts, u, et, dcache.get(dev) or devices(dev), r.country, r.user_segment, r.artist_id,
-                       r.payment_method_id if et in kinds else None, off])
+        pm = r.payment_method_id if et in kinds else None
+        if pm is not None:  # a payment method id is personal data too (and often embeds the user's)
+            pm = dcache.get(pm) or devices(pm)
+        bucket.append([ts, u, et, dcache.get(dev) or devices(dev), r.country, r.user_segment, r.artist_id, pm, off])
     return out
