@@ -304,13 +304,22 @@ def test_a_rejected_array_element_goes_to_the_dead_letter_as_json():
         (b"[{}, 1", "invalid_json"),
         (b'[{"a": 1}] x', "invalid_json"),
         (b'{"latency_ms": -1, "oops', "invalid_json"),  # refused at latency_ms, but not JSON at all
-        (b'[{"latency_ms": -1}, "\xff"]', "invalid_json"),
         (b'{"event_id": "\xff"}', "invalid_json"),
     ],
 )
 def test_unreadable_messages_are_rejected_whole(raw, kind):
     recs, bad = CONTRACTS["audio"].decode(raw, now_ms=NOW)
     assert recs == [] and len(bad) == 1 and bad[0].kind == kind and bad[0].index is None
+
+
+def test_an_element_that_is_not_json_costs_only_itself():
+    good = orjson.dumps(sample("audio"))
+    for bad, kind in ((b"NaN", "invalid_json"), (b'{"latency_ms": NaN}', "invalid_json"), (b'"\xff"', "invalid_json"),
+                      (b"{oops}", "invalid_json"), (b"[" * 5000 + b"]" * 5000, "not_an_object")):
+        recs, rejected = CONTRACTS["audio"].decode(b"[" + good + b", " + bad + b", " + good + b"]", now_ms=NOW)
+        assert len(recs) == 2 and [(r.index, r.kind) for r in rejected] == [(1, kind)], (bad, rejected)
+    recs, rejected = CONTRACTS["audio"].decode(b'[{"latency_ms": -1}, "\xff"]', now_ms=NOW)
+    assert recs == [] and [(r.index, r.kind) for r in rejected] == [(0, "impossible_value"), (1, "invalid_json")]
 
 
 def test_whitespace_around_a_message_is_fine():

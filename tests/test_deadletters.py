@@ -86,3 +86,80 @@ def test_a_record_our_code_fails_on_is_set_apart_and_its_neighbours_go_on(settin
     counted = sum(p.count for m in sent if m.topic == "aggregates" for p in decode_internal(m.value)["partials"]
                   if p.key[0] == "region")
     assert counted == len(recs) - 1  # every other record counted once, in its region's window
+
+
+# ---------------------------------------------------------------------------------------------
+# Fuzz: hostile values of every kind, alone or among valid records, through the decoder and the
+# dead-letter path. Every bad record gets exactly one dead letter, every good one survives, and
+# the dead letters of a message hold at most one copy of it.
+
+from hypothesis import HealthCheck, given, settings as hsettings, strategies as st  # noqa: E402
+
+_AUDIO = [r for b in Simulator(seed=8, rate=200, duration_s=3, start_ms=NOW - 10**6, plan=()).ticks()
+          if b.stream == "audio" for r in b.records if isinstance(r, dict)]
+
+
+def _nest(depth: int) -> bytes:
+    return b"[" * depth + b"]" * depth
+
+
+def _with(rec: dict, field: str, raw: bytes) -> bytes:
+    """``rec`` as JSON with ``field`` set to the raw JSON text ``raw`` (which orjson may refuse to write)."""
+    text = orjson.dumps({**rec, field: 0})
+    marker = b'"' + field.encode() + b'":0'
+    assert marker in text
+    return text.replace(marker, b'"' + field.encode() + b'":' + raw, 1)
+
+
+_HOSTILE = st.one_of(  # (JSON text of one element, kind) - each certainly invalid for the audio topic
+    st.integers(2, 100_000).map(lambda d: ("deep", _nest(d))),  # (depth 1, `[]`, is an empty batch)
+    st.tuples(st.integers(1, 50_000), st.sampled_from(["latency_ms", "event_id", "extra"])).map(
+        lambda t: ("deep field", _with(_AUDIO[0], t[1], _nest(t[0])))),
+    st.integers(0, 2_000_000).map(lambda n: ("huge ts", _with(_AUDIO[1], "ts", orjson.dumps("9" * n)))),
+    st.sampled_from([b"1e400", b"-1e400", b"NaN", b"Infinity", b"-1", b"2", b'"fast"', b"true", b"null", b"{}"]).map(
+        lambda raw: ("bad number", _with(_AUDIO[2], "buffering_ratio", raw))),
+    st.sampled_from(["ts", "region", "event_id", "latency_ms"]).map(
+        lambda f: ("missing", orjson.dumps({k: v for k, v in _AUDIO[3].items() if k != f}))),
+    st.sampled_from([b"1", b'"x"', b"null", b"true", b"[{}]", b'"' + b"y" * 100_000 + b'"']).map(lambda raw: ("not an object", raw)),
+    st.just(("wrong topic", orjson.dumps(_behaviour(1)[0]))),
+)
+
+
+@hsettings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(layout=st.lists(st.one_of(st.integers(0, len(_AUDIO) - 1), _HOSTILE), min_size=1, max_size=12),
+       as_array=st.booleans())
+def test_fuzz_every_bad_record_is_dead_lettered_once_and_every_good_one_survives(layout, as_array):
+    if not as_array:
+        layout = layout[:1]
+    parts = [orjson.dumps(_AUDIO[x]) if isinstance(x, int) else x[1] for x in layout]
+    value = b"[" + b",".join(parts) + b"]" if as_array else parts[0]
+    hostile = [i for i, x in enumerate(layout) if not isinstance(x, int)]
+    good, bad = load_contracts()["audio"].decode(value, now_ms=NOW)
+    letters = _letters_for("audio", value, bad)
+    assert len(good) == len(layout) - len(hostile)
+    assert [g.event_id for g in good] == [_AUDIO[x]["event_id"] for x in layout if isinstance(x, int)]
+    if as_array:
+        assert sorted(d["index"] for d in letters) == hostile  # each bad element once, by its index
+    else:
+        assert len(letters) == len(hostile)
+    assert all(len(d["reason"]) <= 300 for d in letters)
+    assert sum(d["original_value_b64"] is not None for d in letters) <= 1  # one copy of the original at most
+    # (text, base64 and the element itself: under 4x, plus a fixed envelope per letter)
+    assert sum(len(orjson.dumps(d)) for d in letters) <= 4 * len(value) + 2_000 * len(letters)
+
+
+@hsettings(max_examples=200, deadline=None)
+@given(value=st.binary(max_size=300) | st.text(max_size=200).map(str.encode))
+def test_fuzz_arbitrary_bytes_never_raise_and_are_accounted_for(value):
+    good, bad = load_contracts()["audio"].decode(value, now_ms=NOW)
+    letters = _letters_for("audio", value, bad)
+    assert len(letters) == len(bad) and (good or bad)  # nothing vanishes: a record is kept or dead-lettered
+    assert sum(d["original_value_b64"] is not None for d in letters) <= 1
+
+
+def _letters_for(stream: str, value: bytes, bad) -> list[dict]:
+    out = [orjson.loads(x) for x in dead_letters(topic="t", partition=1, offset=9, timestamp_ms=None, key=None, value=value,
+                                                  rejections=bad, stream=stream, now_ms=NOW)]
+    for d in out:
+        jsonschema.validate(d, SCHEMA)
+    return out

@@ -658,6 +658,10 @@ class Contract:
     def _decode_slowly(self, value: bytes, array: bool, exc: Exception, now_ms: int,
                        max_future_ms: int) -> tuple[list[Any], list[Rejection]]:
         if isinstance(exc, _DECODE_FAILURES) and not isinstance(exc, msgspec.ValidationError):
+            if array:  # one element that is not JSON (a NaN a Python producer wrote, say) costs only itself
+                items = _split_array(bytes(value))
+                if items:
+                    return self._decode_items(items, now_ms, max_future_ms)
             return [], [Rejection("invalid_json", f"not valid JSON: {_shorten(str(exc))}")]
         if not array:
             if isinstance(exc, RecursionError):  # cannot happen with these record types; bounded anyway
@@ -667,27 +671,30 @@ class Contract:
         # an array with at least one bad element: again, element by element
         try:
             items = self._raw_list.decode(value)
-            bytes(value).decode("utf-8")  # (not every string of a refused element is read below)
-        except _DECODE_FAILURES as err:
-            return [], [Rejection("invalid_json", f"not valid JSON: {_shorten(str(err))}")]
-        except RecursionError:  # an element nests deeper than msgspec's recursion guard allows
+        except (*_DECODE_FAILURES, RecursionError) as err:  # an element is not JSON or nests too deeply
             items = _split_array(bytes(value))
-            if items is None:
-                return [], [Rejection("invalid_json", "not valid JSON: the brackets do not add up")]
-            try:
-                bytes(value).decode("utf-8")
-            except UnicodeDecodeError as err:
-                return [], [Rejection("invalid_json", f"not valid JSON: {_shorten(str(err))}")]
+            if not items:
+                why = "nested too deeply" if isinstance(err, RecursionError) else _shorten(str(err))
+                return [], [Rejection("invalid_json", f"not valid JSON: {why}")]
+        return self._decode_items(items, now_ms, max_future_ms)
+
+    def _decode_items(self, items: list[Any], now_ms: int, max_future_ms: int) -> tuple[list[Any], list[Rejection]]:
+        """The elements of an array message (JSON text each) decoded one by one: an element that
+        fails (not JSON, not UTF-8, nested too deeply, against the schema) is rejected with its index."""
         records, positions, rejections = [], [], []
         for i, raw in enumerate(items):
             try:
+                text = bytes(raw)
+                if not text.isascii():  # (a refused element's strings are not all read by the decoder)
+                    text.decode("utf-8")
                 records.append(self._one.decode(raw))
                 positions.append(i)
             except msgspec.ValidationError as err:
                 kind, reason = self._explain(err, raw)
                 rejections.append(Rejection(kind, reason, i, _item(raw)))
-            except (*_DECODE_FAILURES, RecursionError) as err:
-                return [], [Rejection("invalid_json", f"not valid JSON: element {i}: {_shorten(str(err))}")]
+            except (*_DECODE_FAILURES, RecursionError, UnicodeDecodeError) as err:
+                why = "nested too deeply" if isinstance(err, RecursionError) else _shorten(str(err))
+                rejections.append(Rejection("invalid_json", f"not valid JSON: {why}", i, None))
         return self._finish(records, positions, rejections, now_ms, max_future_ms, items)
 
     def _explain(self, exc: msgspec.ValidationError, raw: Any) -> tuple[str, str]:
