@@ -29,6 +29,7 @@ from soundcheck.detectors.stage2 import STREAMS, FraudStage, Stage2
 from soundcheck.ingest.partials import Partial, PartitionAggregator, Pseudonyms, fraud_rows, internal_partition, stable_partition
 from soundcheck.settings import Settings
 
+MAX_INTERNAL_BYTES = 512 * 1024  # an internal message (the internal topics keep the broker's 1 MB default limit)
 PROGRESS_SKEW_MS = 5_000  # a partition's event-time progress never runs ahead of the wall clock by more
 KEYINGS = ("natural", "user", "random")
 
@@ -71,6 +72,16 @@ def encode_partials(stream: str, source: int, closed_until: int, partials: Seque
 def encode_rows(source: int, closed_until: int, rows: Sequence[Sequence[Any]], quiet: bool = False, of: int = 0) -> bytes:
     return orjson.dumps({"stream": "fraud", "source": source, "of": of, "closed_until": closed_until, "quiet": quiet,
                          "rows": rows})
+
+
+def _parts(items: Sequence[Any], encode: Any) -> list[tuple[Sequence[Any], bytes]]:
+    """``items`` in consecutive slices, each with its encoding ``encode(slice)``, halved until each is
+    at most MAX_INTERNAL_BYTES (one item goes as it is): a message always fits the internal topics."""
+    value = encode(items)
+    if len(value) <= MAX_INTERNAL_BYTES or len(items) <= 1:
+        return [(items, value)]
+    half = len(items) // 2
+    return _parts(items[:half], encode) + _parts(items[half:], encode)
 
 
 def decode_internal(value: bytes) -> dict[str, Any]:
@@ -128,8 +139,8 @@ class IngestStage:
         if records and self.stream == "behavior":
             rows = fraud_rows(records, pa.closed_until, pa.size_ms, self.pseudonyms, self.fraud_partitions, self.devices,
                               offsets.tolist() if offsets is not None else None)
-            out.extend(AggregatesMessage("fraud", part, encode_rows(partition, pa.closed_until, r, of=self.input_partitions))
-                       for part, r in sorted(rows.items()))
+            out.extend(AggregatesMessage("fraud", part, value) for part, r in sorted(rows.items())
+                       for _, value in _parts(r, lambda x: encode_rows(partition, pa.closed_until, x, of=self.input_partitions)))
         pa.add(records, offsets)
         now = time.time() if now is None else now
         wm = pa.watermark()
@@ -197,15 +208,21 @@ class IngestStage:
 
     def _close(self, partition: int, partials: list[Partial], quiet: bool = False) -> list[AggregatesMessage]:
         pa = self.parts[partition]
-        if pa.closed_until <= self.sent_progress.get(partition, -(2**62)) and not partials and not quiet:
+        before = self.sent_progress.get(partition, -(2**62))
+        if pa.closed_until <= before and not partials and not quiet:
             return []
         self.sent_progress[partition] = pa.closed_until
         by_part: dict[int, list[Partial]] = {i: [] for i in range(self.aggregates_partitions)}
         for p in partials:
             by_part[internal_partition(entity_key(p), self.aggregates_partitions)].append(p)
         of = self.input_partitions
-        out = [AggregatesMessage("aggregates", i, encode_partials(self.stream, partition, pa.closed_until, ps, quiet, of))
-               for i, ps in by_part.items()]
+        out = []
+        for i, ps in by_part.items():
+            parts = _parts(ps, lambda x: encode_partials(self.stream, partition, pa.closed_until, x, quiet, of))
+            for k, (chunk, value) in enumerate(parts):
+                if k < len(parts) - 1:  # the progress goes with the last part: stage 2 closes no window before it has them all
+                    value = encode_partials(self.stream, partition, before, chunk, False, of)
+                out.append(AggregatesMessage("aggregates", i, value))
         if self.stream == "behavior":  # the fraud stage needs the progress too
             out.extend(AggregatesMessage("fraud", i, encode_rows(partition, pa.closed_until, [], quiet, of))
                        for i in range(self.fraud_partitions))

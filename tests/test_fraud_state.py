@@ -333,3 +333,33 @@ def test_a_snapshot_restores_into_other_limits(settings):
     assert f["devices"] == 4 and f["plays"] > 0  # at most twice max_devices now
     later = [e._replace(ts=e.ts + 20 * MIN) for e in events]
     assert {a.entity["user_id"] for a in run(other, later)} == farm
+
+
+def test_a_huge_message_is_split_into_internal_messages_that_fit_and_none_of_its_rows_is_lost(settings):
+    """50,000 behaviour events of one user in one input message (one offset): the fraud rows go in
+    several internal messages under the broker's 1 MB default, and the fraud stage takes every row
+    once; the same message read again (a restart) is recognised row by row as already taken."""
+    import numpy as np
+
+    from soundcheck.ingest.contracts import load_contracts
+    from soundcheck.pipeline import MAX_INTERNAL_BYTES, IngestStage, decode_internal
+    import orjson
+
+    base = {"ts": T0, "user_id": "u-one", "session_id": "s-1", "device_id": "d-1", "country": "US",
+            "user_segment": "free", "event_type": "play_start", "track_id": "tr-1", "artist_id": "ar-1"}
+    value = orjson.dumps([{**base, "event_id": f"b-{i}", "ts": T0 + i % 5_000} for i in range(50_000)])
+    records, bad = load_contracts()["behavior"].decode(value, now_ms=T0 + 10**7)
+    assert len(records) == 50_000 and not bad
+    ing = IngestStage(settings, "behavior")
+    out = ing.process(0, records, np.full(len(records), 7, dtype=np.int64), now=T0 / 1000)
+    fraud = [m for m in out if m.topic == "fraud" and decode_internal(m.value)["rows"]]
+    assert len(fraud) > 1 and all(len(m.value) <= MAX_INTERNAL_BYTES for m in out)
+    stages: dict[int, FraudStage] = {}
+    for again in (False, True):
+        for m in fraud:
+            doc = decode_internal(m.value)
+            stage = stages.setdefault(m.partition, FraudStage(settings))
+            stage.add(doc["source"], doc["rows"], None)
+        taken = sum(len(s.pending) for s in stages.values())
+        duplicates = sum(s.duplicates for s in stages.values())
+        assert (taken, duplicates) == (50_000, 50_000 if again else 0)

@@ -175,6 +175,9 @@ def _order(row: Sequence[Any]) -> tuple:
     return tuple("" if v is None else v for v in row)
 
 
+_WHOLE = 2**62  # the ordinal of a row without one (an older worker's): its whole offset
+
+
 class FraudStage:
     """The fraud detector over repartitioned behaviour events (see the module doc)."""
 
@@ -190,19 +193,21 @@ class FraudStage:
         self.late_events = 0
         self.duplicates = 0
         self.offsets: dict[int, int] = {}  # input partition -> the highest source offset of a row taken
+        self.ordinals: dict[int, int] = {}  # input partition -> the ordinal, within that offset, of the last row taken
 
     def add(self, source_partition: int, rows: Sequence[Sequence[Any]], closed_until: Optional[int],
             now: Optional[float] = None, of: Optional[int] = None) -> list[Anomaly]:
-        top = self.offsets.get(source_partition, -1)
+        top = (self.offsets.get(source_partition, -1), self.ordinals.get(source_partition, _WHOLE))
         for row in rows:
-            if len(row) > 8 and row[8] <= top:  # read again after a restart of its partition
+            if len(row) > 8 and (row[8], row[9] if len(row) > 9 else _WHOLE) <= top:  # read again after a restart of its partition
                 self.duplicates += 1
             elif row[0] < self.done_until:
                 self.late_events += 1
             else:
                 self.pending.append(list(row[:8]))
         if rows and len(rows[-1]) > 8:
-            self.offsets[source_partition] = max(top, max(int(r[8]) for r in rows))
+            newest = max(top, max((int(r[8]), int(r[9]) if len(r) > 9 else _WHOLE) for r in rows))
+            self.offsets[source_partition], self.ordinals[source_partition] = newest
         if closed_until is not None:
             self.progress.update(source_partition, closed_until, now, of)
         return self.advance(now)

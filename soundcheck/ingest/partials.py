@@ -424,8 +424,9 @@ def fraud_rows(records: Sequence[Any], closed_until: int, size_ms: int, pseudony
                offsets: Optional[Sequence[int]] = None) -> dict[int, list[list]]:
     """Compact rows of the behaviour events the fraud detector reads, grouped by the fraud
     topic's partition of their user: ``[ts, user, event_type, device, country, segment, artist,
-    payment_method, source offset]`` with user, device and payment method pseudonymised (the offset lets the
-    fraud stage skip rows it already has when a partition is read again). Late records (their window already
+    payment_method, source offset, ordinal]`` with user, device and payment method pseudonymised (the offset and
+    the ordinal, the record's position among the records of its offset, let the fraud stage skip rows it already
+    has when a partition is read again, also when one message's rows span several fraud messages). Late records (their window already
     closed on this partition) are left out, as stage 1 leaves them out of the aggregates.
 
     Every event type counts for devices and countries, so every event is forwarded."""
@@ -435,7 +436,10 @@ def fraud_rows(records: Sequence[Any], closed_until: int, size_ms: int, pseudony
     where: dict[str, list] = {}
     offs = offsets if offsets is not None else [0] * len(records)
     kinds = _FRAUD_TYPES
+    prev, k = None, 0
     for r, off in zip(records, offs):
+        k = k + 1 if off == prev else 0  # (counted before late records are left out: the same on every read)
+        prev = off
         ts = r.ts
         if ts < closed_until:  # closed_until is a window boundary: the record's window is closed
             continue
@@ -450,5 +454,5 @@ def fraud_rows(records: Sequence[Any], closed_until: int, size_ms: int, pseudony
         pm = r.payment_method_id if et in kinds else None
         if pm is not None:  # a payment method id is personal data too (and often embeds the user's)
             pm = dcache.get(pm) or devices(pm)
-        bucket.append([ts, u, et, dcache.get(dev) or devices(dev), r.country, r.user_segment, r.artist_id, pm, off])
+        bucket.append([ts, u, et, dcache.get(dev) or devices(dev), r.country, r.user_segment, r.artist_id, pm, off, k])
     return out
