@@ -32,6 +32,7 @@ import faust
 import orjson
 from aiokafka.partitioner import murmur2
 
+from soundcheck.alerting import silences
 from soundcheck.alerting.engine import AlertEngine
 from soundcheck.ingest.contracts import Rejection
 from soundcheck.detectors.base import Anomaly
@@ -55,6 +56,7 @@ def register(app: faust.App, ctx: Any) -> None:
     dedup = app.Table(dedup_name, default=None, partitions=partitions)
     scopes = app.Table(incidents_name, default=None, partitions=partitions)
     control = app.GlobalTable(control_name, default=None, partitions=partitions)
+    labels = silences.known_labels(settings)  # what a silence's matchers may name
     engine = AlertEngine(settings, ctx.graph, dedup, scopes, control)
     ctx.engine = engine
     alerts_topic, anomalies_topic, dlq = ctx.topics["alerts"], ctx.topics["anomalies"], ctx.topics["dead_letter"]
@@ -115,23 +117,27 @@ def register(app: faust.App, ctx: Any) -> None:
     app.agent(anomalies_topic, name="soundcheck.alerting")(alerting)
 
     async def control_agent(stream: faust.StreamT) -> None:
-        """Silences at run time: ``{"action": "silence", "silence": {...}}`` adds or replaces one
-        (``id``, ``matchers``, ``starts_at``, ``ends_at`` in epoch ms, ``comment``);
-        ``{"action": "expire", "id": "..."}`` removes one. Anything else is dead-lettered."""
+        """Silences at run time (``soundcheck silence add|expire`` writes these):
+        ``{"action": "silence", "silence": {...}}`` adds or replaces one (``id``, ``matchers``,
+        ``starts_at``, ``ends_at`` in epoch ms, ``author``, ``comment``; checked by
+        :func:`soundcheck.alerting.silences.validate`); ``{"action": "expire", "id": "..."}`` ends
+        one now (it stays in the table, expired). Anything else is dead-lettered with its reason."""
         async for event in stream.events():
             try:
                 doc = orjson.loads(event.value)
                 action = doc.get("action") if isinstance(doc, dict) else None
                 if action == "silence":
-                    s = doc["silence"]
-                    if not isinstance(s.get("id"), str) or not isinstance(s.get("matchers"), dict) or not s["matchers"]:
-                        raise ValueError("a silence needs an 'id' and non-empty 'matchers'")
-                    control[s["id"]] = {"id": s["id"], "matchers": {str(k): str(v) for k, v in s["matchers"].items()},
-                                        "starts_at": int(s.get("starts_at", 0)), "ends_at": int(s.get("ends_at", 2**62)),
-                                        "comment": str(s.get("comment", ""))}
+                    s = silences.validate(doc.get("silence"), labels)
+                    control[s["id"]] = s
                     m.control_messages.labels(action="silence").inc()
                 elif action == "expire":
-                    control[str(doc["id"])] = None
+                    sid = str(doc.get("id"))
+                    current = control.get(sid)
+                    if not current:
+                        raise ValueError(f"no silence {sid!r} to expire")
+                    at = int(doc.get("at") or time.time() * 1000)  # kept, expired, so that `silence list` shows it
+                    control[sid] = {**current, "ends_at": min(current["ends_at"], max(at, current["starts_at"] + 1)),
+                                    "expired_at": at}
                     m.control_messages.labels(action="expire").inc()
                 else:
                     raise ValueError(f"unknown control action {action!r}; expected 'silence' or 'expire'")

@@ -1,4 +1,4 @@
-"""The ``soundcheck`` command: worker, kafka, simulate, demo, bench."""
+"""The ``soundcheck`` command: worker, kafka, simulate, demo, bench, eval, alerts, silence."""
 
 from __future__ import annotations
 
@@ -139,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--json", help="also write the full report to this JSON file")
     es.set_defaults(func=lambda a: __import__("soundcheck.evaluation.scenarios", fromlist=["cli_main"]).cli_main(a))
 
+    from soundcheck import oncall
+
+    oncall.add_cli(sub, _settings)
     kafka_local.add_cli(sub)
     return p
 

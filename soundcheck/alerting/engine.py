@@ -32,6 +32,7 @@ from typing import Any, Mapping, MutableMapping, Optional
 import orjson
 
 from soundcheck.alerting.correlate import ServiceGraph, alert_step, dedup_sweep_due, expired
+from soundcheck.alerting.silences import silence_matches  # noqa: F401 (also part of this module's interface)
 from soundcheck.detectors.base import Anomaly
 from soundcheck.settings import Settings
 
@@ -42,25 +43,6 @@ def _order(doc: Mapping[str, Any]) -> tuple:
 
 MAX_HELD = 200  # held-back fingerprints remembered per scope
 MAX_PENDING = 100  # alerts waiting in one group
-
-
-def silence_matches(silence: Mapping[str, Any], alert: Mapping[str, Any], now: int) -> bool:
-    """Is ``alert`` silenced by ``silence`` at event time ``now``? Matchers are equalities on the
-    alert's entity labels and on ``kind``, ``severity``, ``priority``, ``detector``.
-
-    >>> s = {"id": "maint-1", "matchers": {"region": "BR", "kind": "service_degradation"}, "starts_at": 0, "ends_at": 100}
-    >>> silence_matches(s, {"entity": {"region": "BR", "service": "cdn"}, "kind": "service_degradation"}, 50)
-    True
-    >>> silence_matches(s, {"entity": {"region": "BR"}, "kind": "service_degradation"}, 150)
-    False
-    """
-    if not (silence.get("starts_at", 0) <= now < silence.get("ends_at", 2**62)):
-        return False
-    for key, want in silence.get("matchers", {}).items():
-        have = alert.get(key) if key in ("kind", "severity", "priority", "detector") else alert.get("entity", {}).get(key)
-        if have != want:
-            return False
-    return True
 
 
 class AlertEngine:

@@ -21,28 +21,12 @@ import orjson
 
 from soundcheck.kafka import local as kafka_local
 from soundcheck.evaluation.score import evaluate
-from soundcheck.evaluation.harness import WorkerProcess, read_topic, worker_env
+from soundcheck.evaluation.harness import WorkerProcess, worker_env
+from soundcheck.oncall import TailFormatter, tail_alerts
 from soundcheck.kafka.admin import ensure_topics_async, worker_topics
 from soundcheck.evaluation.produce import produce
 from soundcheck.settings import Settings
 from soundcheck.evaluation.simulator import Simulator
-
-COLORS = {"critical": "\033[1;31m", "high": "\033[31m", "medium": "\033[33m", "low": "\033[36m", "info": "\033[2m"}
-
-
-def _line(alert: dict[str, Any], start_ms: int, color: bool) -> str:
-    t = (alert["event_time"] - start_ms) / 1000
-    root = alert.get("root_cause") or {}
-    rc = ""
-    if root and root.get("confidence", 0) >= 0.5 and root.get("entity") != alert["entity"]:
-        rc = "  <- root cause " + ", ".join(f"{k}={v}" for k, v in sorted(root["entity"].items()))
-    sev = alert["severity"]
-    c0, c1 = (COLORS.get(sev, ""), "\033[0m") if color else ("", "")
-    note = "" if alert.get("notification") in ("new", "resolved") else f" ({alert.get('notification')})"
-    if alert.get("status") == "resolved" and color:
-        c0 = "\033[32m"
-    return f"  t+{t:6.0f}s {c0}{alert['priority']} {sev:<8}{c1} {alert['title']}{note}{rc}"
-
 
 def run_demo(settings: Settings, *, rate: float, duration_s: int, seed: int, batch: int, workdir: Optional[Path] = None) -> int:
     color = sys.stdout.isatty()
@@ -87,15 +71,15 @@ async def _replay(settings: Settings, worker: WorkerProcess, *, rate: float, dur
     alerts: list[dict[str, Any]] = []
     stop = asyncio.Event()
 
-    def show(record: Any) -> None:
-        alert = orjson.loads(record.value)
-        alerts.append(alert)
-        print(_line(alert, start_ms, color), flush=True)
+    class Collect:  # the live view is `soundcheck alerts tail`'s, times shown from the scenario's start
+        def __init__(self) -> None:
+            self.fmt = TailFormatter(color=color, clock=lambda a: f"t+{(a['event_time'] - start_ms) / 1000:5.0f}s")
 
-    reader = asyncio.create_task(
-        read_topic(settings.kafka.bootstrap_servers, settings.topics.alerts, until=lambda _: False, timeout=3600, on_record=show, stop=stop,
-                   client=settings.kafka_client())
-    )
+        def format(self, alert: dict[str, Any]) -> str:
+            alerts.append(alert)
+            return self.fmt.format(alert)
+
+    reader = asyncio.create_task(tail_alerts(settings, start="beginning", stop=stop, formatter=Collect()))  # type: ignore[arg-type]
     truth = await produce(sim, settings, batch=batch, progress=lambda line: print("  " + line, file=sys.stderr, flush=True),
                           progress_every_s=3.0)
     truth_path.write_bytes(orjson.dumps(truth, option=orjson.OPT_INDENT_2))
