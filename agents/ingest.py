@@ -31,6 +31,7 @@ import orjson
 
 from soundcheck.ingest.contracts import Rejection
 from soundcheck.ingest.deadletters import dead_letters
+from soundcheck.metrics import consumer_lags
 from soundcheck.pipeline import STREAMS, AggregatesMessage, IngestStage
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,8 @@ IDLE_FLUSH_S = 5.0  # close open windows when a stream has been quiet this long 
 IDLE_GRACE_S = 1.0  # an input partition with nothing to read counts as idle only after this long (wall time)
 COMMIT_EVERY_S = 1.0  # commit input offsets at most this often (and on revoke and stop)
 MAX_RECORDS = 20_000  # messages per getmany
+LAG_EVERY_S = 1.0  # report the input consumer's lag (soundcheck_consumer_lag) at most this often
+LAG_POSITION_TIMEOUT_S = 0.05  # a position being reset (after a seek to the beginning) is not waited for
 
 
 def dead_letter(event: Any, rejection: Rejection, stream: str) -> tuple[bytes | None, bytes]:
@@ -58,6 +61,25 @@ def _closed_until(metadata: Optional[str]) -> int:
         return int(orjson.loads(metadata or "{}").get("closed_until", -(2**62)))
     except (ValueError, TypeError, AttributeError):
         return -(2**62)
+
+
+async def input_lags(consumer: Any, next_offset: dict[Any, int]) -> dict[Any, int]:
+    """Records behind on each assigned partition of ``consumer`` (aiokafka) with a known highwater: the
+    position is ``next_offset`` (after the last record handed out) where known, else the consumer's
+    own (no I/O once valid; a partition whose position is still being reset is left out)."""
+    highwaters = {tp: consumer.highwater(tp) for tp in consumer.assignment()}
+    positions: dict[Any, Optional[int]] = {}
+    for tp, hw in highwaters.items():
+        if hw is None:
+            continue
+        pos = next_offset.get(tp)
+        if pos is None:
+            try:
+                pos = await asyncio.wait_for(consumer.position(tp), LAG_POSITION_TIMEOUT_S)
+            except Exception:  # being reset, or no longer assigned: the next report
+                continue
+        positions[tp] = pos
+    return consumer_lags(highwaters, positions)
 
 
 def register(app: faust.App, ctx: Any) -> None:
@@ -86,6 +108,7 @@ def register(app: faust.App, ctx: Any) -> None:
             self.last_records = time.time()
             self.pending_flush = False
             self.late_reported: dict[str, int] = {}
+            self.last_lag = -float("inf")  # time.monotonic() of the last lag report
 
         async def on_start(self) -> None:
             from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
@@ -150,6 +173,7 @@ def register(app: faust.App, ctx: Any) -> None:
                     self.next_offset.pop(tp, None)
                     self.start_offset.pop(tp, None)
                     self.caught_since.pop(tp, None)
+                    m.remove_consumer_lag(tp.topic, tp.partition)
 
         async def on_assigned(self, assigned: Any) -> None:
             async with self.lock:
@@ -187,6 +211,18 @@ def register(app: faust.App, ctx: Any) -> None:
                             except Exception as exc:  # the broker is away: try again, never give up the loop
                                 log.warning("soundcheck.ingest: rewinding failed (%s: %s); retrying", type(exc).__name__, exc)
                                 await asyncio.sleep(2.0)
+                    await self.report_lag()
+
+        async def report_lag(self) -> None:
+            """``soundcheck_consumer_lag`` of the assigned input partitions, at most every LAG_EVERY_S."""
+            now = time.monotonic()
+            if now - self.last_lag < LAG_EVERY_S:
+                return
+            self.last_lag = now
+            try:
+                m.set_consumer_lag(await input_lags(self.consumer, self.next_offset))
+            except Exception as exc:  # a metric never stops the loop
+                log.debug("soundcheck.ingest: consumer lag not reported: %s: %s", type(exc).__name__, exc)
 
         async def process(self, batch: dict) -> None:
             started = time.perf_counter()

@@ -11,10 +11,26 @@ Labels are few and bounded (topic, reason, detector, severity, stream), never an
 
 from __future__ import annotations
 
+from typing import Hashable, Mapping, Optional, TypeVar
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 BYTES_BUCKETS = tuple(float(2**k) for k in range(10, 25, 2))  # 1 KiB .. 16 MiB
+
+TP = TypeVar("TP", bound=Hashable)
+
+
+def consumer_lags(highwaters: Mapping[TP, Optional[int]], positions: Mapping[TP, Optional[int]]) -> dict[TP, int]:
+    """Records behind, by partition: the highwater (the offset the next produced record gets) minus
+    the consumer's position (the next offset it reads), both as last known. A partition without a
+    highwater (not fetched yet) or without a position is left out; a stale highwater behind the
+    position counts as 0.
+
+    >>> consumer_lags({"a": 10, "b": None, "c": 5, "d": 3}, {"a": 7, "b": 0, "c": 6})
+    {'a': 3, 'c': 0}
+    """
+    return {tp: max(0, hw - positions[tp]) for tp, hw in highwaters.items() if hw is not None and positions.get(tp) is not None}
 
 
 class WorkerMetrics:
@@ -69,6 +85,11 @@ class WorkerMetrics:
         self.tracked_entities = Gauge(
             "soundcheck_tracked_entities", "Entities with detector state in this worker, by detector", ["detector"], registry=registry
         )
+        self.consumer_lag = Gauge(
+            "soundcheck_consumer_lag",
+            "Records behind on the input topics (highwater - position) of this worker's input consumer, by assigned partition",
+            ["topic", "partition"], registry=registry,
+        )
 
         self.snapshots_written = Counter(
             "soundcheck_snapshots_written", "Detector state snapshots written (one per changed partition and interval), by stream",
@@ -95,6 +116,18 @@ class WorkerMetrics:
             "soundcheck_snapshot_seconds", "Time to encode one snapshot (the event loop is busy meanwhile), by stream",
             ["stream"], buckets=LATENCY_BUCKETS, registry=registry,
         )
+
+    def set_consumer_lag(self, lags: Mapping[tuple[str, int], int]) -> None:
+        """Set the lag of each (topic, partition) given (an aiokafka ``TopicPartition`` is such a pair)."""
+        for (topic, partition), lag in lags.items():
+            self.consumer_lag.labels(topic=topic, partition=str(partition)).set(lag)
+
+    def remove_consumer_lag(self, topic: str, partition: int) -> None:
+        """Drop a partition's lag series (it was revoked: another worker reports it now)."""
+        try:
+            self.consumer_lag.remove(topic, str(partition))
+        except KeyError:  # never reported
+            pass
 
     def value(self, name: str, **labels: str) -> float:
         """The current value of one sample (for tests and the demo summary)."""
