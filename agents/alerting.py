@@ -70,6 +70,12 @@ def register(app: faust.App, ctx: Any) -> None:
     reported: dict[str, int] = {}
 
     async def send(notes: list[dict[str, Any]]) -> None:
+        if notes:
+            # the table changes behind these notifications (group sent, alert marked sent, clock
+            # moved) sit in Faust's producer buffer (changelogs go by send_soon) while topic.send()
+            # goes out at once: put them on the broker first, or a worker killed right after
+            # sending restores the state from before and sends the same notifications again
+            await app.producer.flush()
         for n in notes:
             m.alerts.labels(severity=n["severity"]).inc()
             await alerts_topic.send(key=n["fingerprint"].encode(), value=orjson.dumps(n))

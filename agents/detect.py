@@ -136,7 +136,11 @@ def register(app: faust.App, ctx: Any) -> None:
         # after this partition's anomalies: an alerting agent whose clock is the slowest of all
         # stage-2 partitions has every anomaly up to it, whatever the interleaving
         for stream, st in unit.items():
-            t = st.event_time()
+            # what this stream's detectors have evaluated (and sent the anomalies of), not its
+            # progress watermark: that one moves on wall time too (an input partition idle for
+            # IDLE_PARTITION_S), and a tick sent past windows not yet evaluated lets the alerting
+            # clock overtake their anomalies
+            t = st.done_until if st.done_until > -(2**61) else None
             if t is None:
                 continue
             t = t + quiet_ms if quiet else t
@@ -147,24 +151,32 @@ def register(app: faust.App, ctx: Any) -> None:
                 for target in range(n_anomalies):
                     await anomalies_topic.send(value=value, partition=target)
 
+    async def handle(holder: UnitHolder, part: int, offset: int, value: bytes) -> None:
+        """One message of the aggregates or fraud topic into its partition's unit (skipped if the
+        unit has it already); the anomalies and ticks it completes are sent."""
+        if holder.seen(part, offset):
+            return
+        doc = decode_internal(value)
+        unit = holder.get(part)
+        if doc["stream"] == "fraud":
+            found = unit.add(doc["source"], doc.get("rows", []), doc.get("closed_until"), of=doc.get("of"))
+        else:
+            found = unit[doc["stream"]].add(doc["source"], doc["partials"], doc.get("closed_until"), of=doc.get("of"))
+            for a in found:
+                publish(a, settings)
+        holder.done(part, offset)
+        await emit(found, part, unit, quiet=bool(doc.get("quiet")))
+
+    holders = {"aggregates": agg, "fraud": fraud}
+    keeper.replay = lambda role, part, offset, value: handle(holders[role], part, offset, value)
+
     def make_agent(holder: UnitHolder, name: str) -> Callable:
         async def agent(stream: faust.StreamT) -> None:
             async for event in stream.events():
                 part, offset = event.message.partition, event.message.offset
                 try:
                     await keeper.ready(holder.role, part)
-                    if holder.seen(part, offset):
-                        continue
-                    doc = decode_internal(event.value)
-                    unit = holder.get(part)
-                    if doc["stream"] == "fraud":
-                        found = unit.add(doc["source"], doc.get("rows", []), doc.get("closed_until"), of=doc.get("of"))
-                    else:
-                        found = unit[doc["stream"]].add(doc["source"], doc["partials"], doc.get("closed_until"), of=doc.get("of"))
-                        for a in found:
-                            publish(a, settings)
-                    holder.done(part, offset)
-                    await emit(found, part, unit, quiet=bool(doc.get("quiet")))
+                    await handle(holder, part, offset, event.value)
                 except Exception as exc:  # never fatal: the message goes to the dead letters
                     log.exception("agent %s: message at offset %s of partition %s failed", name, offset, part)
                     key, value = dead_letter(event, Rejection("processing_error", f"{name}: {type(exc).__name__}: {exc}"), holder.role)
@@ -220,6 +232,8 @@ class SnapshotKeeper:
         self._logged: set[tuple[str, str]] = set()
         self._lock: Optional[asyncio.Lock] = None
         self._producer: Any = None
+        #: (role, partition, offset, value) -> None: one message into its unit (set by :func:`register`)
+        self.replay: Optional[Callable[[str, int, int, bytes], Any]] = None
 
     @property
     def lock(self) -> asyncio.Lock:
@@ -379,10 +393,72 @@ class SnapshotKeeper:
         for key, blob in found.items():
             stream, part = keys[key]
             restored += self.load(stream, part, blob)
-        for stream, pp in self.ctx.processors.items():
-            set_tracked(self.metrics, pp)
         log.info("restored %d of %d assigned partitions from %s in %.2f s (%d had no snapshot)",
                  restored, len(wanted), self.topic, time.monotonic() - started, len(wanted) - len(found))
+        try:
+            await self.catch_up(wanted)
+        except Exception as exc:  # the partitions go on from the committed offsets, as before
+            log.error("could not re-read the records between the snapshots and the committed offsets: %s: %s",
+                      type(exc).__name__, exc)
+        for stream, pp in self.ctx.processors.items():
+            set_tracked(self.metrics, pp)
+
+    async def catch_up(self, wanted: list[tuple[str, int]]) -> None:
+        """Apply the records the group has committed but the loaded state does not hold: a snapshot
+        is written every interval while Faust commits every second, so after a crash the committed
+        offset is ahead of the snapshot's. Faust goes on from the committed offset; these records,
+        read here with a consumer of our own, would otherwise be missing from the state. Their
+        anomalies may be sent a second time; the alert engine recognises them as replays."""
+        from aiokafka import AIOKafkaConsumer, TopicPartition
+        from aiokafka.admin import AIOKafkaAdminClient
+
+        if self.replay is None or not wanted:
+            return
+        k, client = self.settings.kafka, self.settings.kafka_client()
+        names = {"aggregates": self.settings.topics.aggregates, "fraud": self.settings.topics.fraud}
+        by_tp = {TopicPartition(names[role], part): (role, part) for role, part in wanted if role in names}
+        admin = AIOKafkaAdminClient(bootstrap_servers=k.bootstrap_servers, **client)
+        await admin.start()
+        try:
+            committed = await admin.list_consumer_group_offsets(k.app_id, partitions=list(by_tp))
+        finally:
+            await admin.close()
+        todo: dict[Any, tuple[int, int]] = {}  # tp -> (first offset to read, committed offset)
+        for tp, (role, part) in by_tp.items():
+            meta = committed.get(tp)
+            first = self.ctx.processors[role].offsets.get(part, -1) + 1
+            if meta is not None and meta.offset > first:
+                todo[tp] = (first, meta.offset)
+        if not todo:
+            return
+        started, replayed = time.monotonic(), 0
+        consumer = AIOKafkaConsumer(bootstrap_servers=k.bootstrap_servers, group_id=None, enable_auto_commit=False,
+                                    auto_offset_reset="earliest", **client)
+        await consumer.start()
+        try:
+            consumer.assign(list(todo))
+            for tp, (first, _) in todo.items():
+                consumer.seek(tp, first)
+            pending = set(todo)
+            deadline = time.monotonic() + RESTORE_TIMEOUT_S
+            while pending and time.monotonic() < deadline:
+                batch = await consumer.getmany(*pending, timeout_ms=500)
+                for tp, records in batch.items():
+                    role, part = by_tp[tp]
+                    for r in records:
+                        if r.offset >= todo[tp][1]:
+                            break
+                        await self.replay(role, part, r.offset, r.value)
+                        replayed += 1
+                for tp in list(pending):
+                    if await consumer.position(tp) >= todo[tp][1]:
+                        pending.discard(tp)
+            if pending:
+                log.error("re-reading up to the committed offsets timed out for %s", sorted(map(str, pending)))
+        finally:
+            await consumer.stop()
+        log.info("re-read %d records between the snapshots and the committed offsets of %d partitions in %.2f s",
+                 replayed, len(todo), time.monotonic() - started)
 
     async def on_shutdown(self, sender: Any, **kwargs: Any) -> None:
         try:

@@ -31,7 +31,7 @@ from typing import Any, Mapping, MutableMapping, Optional
 
 import orjson
 
-from soundcheck.alerting.correlate import ServiceGraph, alert_step, dedup_sweep_due, expired
+from soundcheck.alerting.correlate import ServiceGraph, alert_step, dedup_sweep_due, expired, fingerprint
 from soundcheck.alerting.silences import silence_matches  # noqa: F401 (also part of this module's interface)
 from soundcheck.detectors.base import Anomaly
 from soundcheck.settings import Settings
@@ -82,6 +82,8 @@ class AlertEngine:
         that arrives after the clock has passed it is taken at once."""
         scope = anomaly.scope or anomaly.region
         st = self._scope(scope)
+        if orjson.loads(anomaly.to_json()) in st.get("inbox", []) or self._taken(anomaly):
+            return []  # read again after a restart: the tables already hold it (they run ahead of the committed offset)
         if anomaly.event_time <= st.get("now", -(2**62)):
             out = self._take(anomaly, scope, st, emitted_at)
         else:
@@ -152,6 +154,12 @@ class AlertEngine:
         return []
 
     # -- internals ------------------------------------------------------------------------------
+
+    def _taken(self, anomaly: Anomaly) -> bool:
+        """Already counted: a fingerprint's anomalies come from one stage-2 partition, one per
+        window, in event-time order, so one not after its fingerprint's ``last_seen`` is a replay."""
+        state = self.dedup.get(fingerprint(anomaly.kind, anomaly.detector, anomaly.entity))
+        return bool(state) and anomaly.event_time <= state.get("last_seen", -(2**62))
 
     def _get_dedup(self, fp: str) -> Optional[dict[str, Any]]:
         state = self.dedup.get(fp)
