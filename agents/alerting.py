@@ -60,6 +60,7 @@ def register(app: faust.App, ctx: Any) -> None:
     engine = AlertEngine(settings, ctx.graph, dedup, scopes, control)
     ctx.engine = engine
     alerts_topic, anomalies_topic, dlq = ctx.topics["alerts"], ctx.topics["anomalies"], ctx.topics["dead_letter"]
+    decisions_topic = ctx.topics["decisions"]
     clocks: dict[int, dict[tuple[str, int], tuple[int, float]]] = {}  # partition -> (stream, source) -> (event time, wall time)
     first_tick: dict[int, float] = {}
     moved: dict[int, int] = {}  # partition -> the clock last acted on
@@ -79,6 +80,10 @@ def register(app: faust.App, ctx: Any) -> None:
         for n in notes:
             m.alerts.labels(severity=n["severity"]).inc()
             await alerts_topic.send(key=n["fingerprint"].encode(), value=orjson.dumps(n))
+        decided_at = int(time.time() * 1000)
+        for d in engine.drain_decisions():  # the decision log (soundcheck why FINGERPRINT reads it)
+            m.decisions.labels(decision=d["decision"]).inc()
+            await decisions_topic.send(key=d["fingerprint"].encode(), value=orjson.dumps({**d, "decided_at": decided_at}))
         for outcome, count in engine.stats.items():
             if count > reported.get(outcome, 0):
                 m.alert_outcomes.labels(outcome=outcome).inc(count - reported.get(outcome, 0))

@@ -63,6 +63,10 @@ class WorkerMetrics:
             ["stream"], registry=registry,
         )
         self.alerts = Counter("soundcheck_alerts", "Alert notifications sent, by severity", ["severity"], registry=registry)
+        self.decisions = Counter(
+            "soundcheck_decisions", "Decisions of the alert engine written to the decision log, by decision", ["decision"],
+            registry=registry,
+        )
         self.control_messages = Counter(
             "soundcheck_control_messages", "Control messages applied (silences added or expired), by action", ["action"],
             registry=registry,

@@ -1,4 +1,5 @@
-"""The on-call engineer's commands: ``soundcheck alerts tail`` and ``soundcheck silence add|list|expire``.
+"""The on-call engineer's commands: ``soundcheck alerts tail``, ``soundcheck silence add|list|expire``
+and ``soundcheck why FINGERPRINT``.
 
 Both talk to Kafka only (the alerts topic, the control topic, and the changelog of the worker's
 silence table), with the same connection settings as the worker (:mod:`soundcheck.kafka.security`).
@@ -226,6 +227,111 @@ def format_silences(table: dict[str, dict[str, Any]], now_ms: int, only: Optiona
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
 
+# --------------------------------------------------------------------------- soundcheck why
+
+_HEX = frozenset("0123456789abcdef")
+
+
+async def read_decisions(settings: Settings, prefix: str, timeout: float = 60.0) -> list[dict[str, Any]]:
+    """Every record of the decision log whose fingerprint starts with ``prefix``, in log order."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    topic = settings.topics.decisions
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.kafka.bootstrap_servers, group_id=None, enable_auto_commit=False,
+                                auto_offset_reset="earliest", **settings.kafka_client())
+    await consumer.start()
+    out: list[dict[str, Any]] = []
+    try:
+        parts = consumer.partitions_for_topic(topic) or await _partitions(consumer, topic)
+        if not parts:
+            raise silences.SilenceError(f"there is no decision log: the topic {topic!r} does not exist (has a worker run?)")
+        tps = [TopicPartition(topic, p) for p in sorted(parts)]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        end = await consumer.end_offsets(tps)
+        pending = {tp for tp in tps if end[tp] > 0}
+        deadline = time.monotonic() + timeout
+        key = prefix.encode()
+        while pending and time.monotonic() < deadline:
+            for tp, records in (await consumer.getmany(*pending, timeout_ms=300)).items():
+                for r in records:
+                    if r.offset < end[tp] and r.key is not None and r.key.startswith(key):
+                        try:
+                            out.append(orjson.loads(r.value))
+                        except orjson.JSONDecodeError:
+                            continue
+            for tp in list(pending):
+                if await consumer.position(tp) >= end[tp]:
+                    pending.discard(tp)
+    finally:
+        await consumer.stop()
+    return out
+
+
+def _detail(d: dict[str, Any]) -> str:
+    det = d.get("detail") or {}
+    if d["decision"] == "silenced":
+        return f"silence {det.get('silence_id')}" + (f" ({det['silence_comment']})" if det.get("silence_comment") else "")
+    if d["decision"] == "inhibited":
+        return f"by the incident's root cause {str(det.get('by_fingerprint'))[:8]} ({det.get('root_node')})"
+    if d["decision"] == "released":
+        return f"after being held by {det.get('held_by')}"
+    if d["decision"] == "notified":
+        return f"{d.get('priority')} {d.get('severity')} ({det.get('notification')}), group of {det.get('group_size')} in {det.get('incident_id')}"
+    if d["decision"] == "grouped":
+        return f"into {det.get('incident_id')}, {det.get('waiting')} waiting to be sent ({det.get('notification')})"
+    if d["decision"] == "deduplicated":
+        return f"occurrence {det.get('occurrences')}: {det.get('reason')}"
+    if d["decision"] == "resolved":
+        return ("notified" if det.get("notified") else f"not notified: {det.get('reason')}") + \
+            (f" (while held by {det['while_held_by']})" if det.get("while_held_by") else "")
+    return ", ".join(f"{k}={v}" for k, v in sorted(det.items()))
+
+
+def format_history(decisions: list[dict[str, Any]]) -> str:
+    """An alert's history from the decision log, one line per decision, grouped by fingerprint.
+
+    >>> print(format_history([{"fingerprint": "6020df0bf7e9", "decision": "silenced", "event_time": 0,
+    ...     "kind": "service_degradation", "entity": {"region": "BR"}, "detail": {"silence_id": "maint-1"}}]))
+    6020df0bf7e9  service_degradation  region=BR
+      1970-01-01 00:00:00  silenced      silence maint-1
+    """
+    lines: list[str] = []
+    by_fp: dict[str, list[dict[str, Any]]] = {}
+    for d in decisions:
+        by_fp.setdefault(d["fingerprint"], []).append(d)
+    for fp, items in by_fp.items():
+        head = next((d for d in items if d.get("kind")), items[0])
+        labels = " ".join(f"{k}={v}" for k, v in sorted((head.get("entity") or {}).items()))
+        lines.append(f"{fp}  {head.get('kind') or '?'}  {labels}".rstrip())
+        for d in sorted(items, key=lambda d: d.get("event_time", 0)):
+            lines.append(f"  {_clock(int(d.get('event_time', 0)))}  {d['decision']:<12}  {_detail(d)}")
+    return "\n".join(lines)
+
+
+def cmd_why(args: argparse.Namespace, settings: Settings) -> int:
+    fp = args.fingerprint.strip().lower()
+    if len(fp) < 6 or not set(fp) <= _HEX:
+        print(f"soundcheck why: {args.fingerprint!r} is not a fingerprint (hexadecimal, at least 6 characters, "
+              "as `soundcheck alerts tail` shows them)", file=sys.stderr)
+        return 2
+    try:
+        found = asyncio.run(read_decisions(settings, fp))
+    except silences.SilenceError as exc:
+        print(f"soundcheck why: {exc}", file=sys.stderr)
+        return 2
+    if not found:
+        print(f"soundcheck why: no decision recorded for fingerprint {fp!r} in {settings.topics.decisions} "
+              "(the log keeps 7 days)", file=sys.stderr)
+        return 2
+    if args.json:
+        for d in found:
+            print(orjson.dumps(d).decode())
+    else:
+        print(format_history(found))
+    return 0
+
+
 # --------------------------------------------------------------------------- the commands
 
 
@@ -301,6 +407,11 @@ def add_cli(sub: Any, settings_of: Callable[[argparse.Namespace], Settings]) -> 
     t.add_argument("--count", type=int, help="stop after this many notifications")
     t.add_argument("--timeout", type=float, help="stop after this many seconds")
     t.set_defaults(func=lambda args: cmd_alerts_tail(args, settings_of(args)))
+
+    w = sub.add_parser("why", help="an alert's history from the decision log: grouped, deduplicated, silenced, inhibited, released, resolved")
+    w.add_argument("fingerprint", help="the alert's fingerprint, or its first characters (at least 6)")
+    w.add_argument("--json", action="store_true", help="one JSON decision per line")
+    w.set_defaults(func=lambda args: cmd_why(args, settings_of(args)))
 
     s = sub.add_parser("silence", help="add, list and expire silences (in the manner of amtool silence)")
     ssub = s.add_subparsers(dest="silence_command", required=True)

@@ -65,6 +65,7 @@ class TopicSettings:
     control: str
     aggregates: str
     fraud: str
+    decisions: str
 
     def inputs(self) -> dict[str, str]:
         """The three input topics by stream name."""

@@ -93,6 +93,7 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
     ctx.topics["alerts"] = app.topic(t.alerts, partitions=k.partitions, **raw)
     ctx.topics["dead_letter"] = app.topic(t.dead_letter, partitions=k.partitions, **raw)
     ctx.topics["control"] = app.topic(t.control, **raw)
+    ctx.topics["decisions"] = app.topic(t.decisions, partitions=k.partitions, **raw)
 
     from agents import alerting, detect, ingest, web  # the agents are thin wiring over soundcheck.*
 

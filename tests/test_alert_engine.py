@@ -135,3 +135,45 @@ def test_anomalies_arriving_in_any_order_before_a_tick_give_the_same_notificatio
 
     forward = notes("forward")
     assert forward and forward == notes("backward")
+
+
+def test_every_decision_is_logged_with_what_it_depended_on(settings):
+    """The decision log: grouped, notified, deduplicated, silenced (which silence), released, resolved."""
+    import json
+
+    import jsonschema
+
+    from soundcheck.ingest.contracts import SCHEMA_DIR
+
+    schema = json.loads((SCHEMA_DIR / "decision.schema.json").read_text())
+    control = {"maint": {"id": "maint", "matchers": {"region": "BR", "service": "cdn"}, "starts_at": 0, "ends_at": 120 * S,
+                         "comment": "PoP upgrade"}}
+    engine = AlertEngine(settings, ServiceGraph(settings.services), {}, {}, control)
+    run(engine, [(t * S, anomaly(t * S)) for t in range(0, 200, 10)])
+    run(engine, [(t * S, None) for t in range(200, 200 + settings.windows.resolve_after_s + 20, 10)])
+    log = engine.drain_decisions()
+    assert engine.drain_decisions() == []  # drained
+    kinds = [d["decision"] for d in log]
+    assert {"grouped", "silenced", "deduplicated", "released", "resolved"} <= set(kinds), kinds
+    silenced = next(d for d in log if d["decision"] == "silenced")
+    assert silenced["detail"]["silence_id"] == "maint" and silenced["detail"]["silence_comment"] == "PoP upgrade"
+    assert kinds.index("silenced") < kinds.index("released") < kinds.index("resolved")
+    assert next(d for d in log if d["decision"] == "resolved")["detail"]["notified"] is True
+    for d in log:
+        jsonschema.validate({**d, "decided_at": 0}, schema)
+
+
+def test_an_alert_notified_then_silenced_still_gets_its_resolved_notice(settings):
+    """Alertmanager issue 226: the pager opened an incident; when the problem ends while silenced it
+    must hear so, unless alerting.send_resolved_when_silenced is off."""
+    for on in (True, False):
+        s = settings.replace(alerting={"send_resolved_when_silenced": on})
+        control = {}
+        engine = AlertEngine(s, ServiceGraph(s.services), {}, {}, control)
+        out = run(engine, [(t * S, anomaly(t * S)) for t in range(0, 100, 10)])
+        assert [n["notification"] for n in out] == ["new"]
+        # a silence from now on; the alert fires on (repeats are held), then stops
+        control["later"] = {"id": "later", "matchers": {"region": "BR"}, "starts_at": 100 * S, "ends_at": 10**13}
+        out = run(engine, [(t * S, anomaly(t * S)) for t in range(100, 2000, 10)])
+        out += run(engine, [(t * S, None) for t in range(2000, 2000 + s.windows.resolve_after_s + 20, 10)])
+        assert [n["status"] for n in out].count("resolved") == (1 if on else 0), (on, [n["notification"] for n in out])

@@ -19,6 +19,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from soundcheck.evaluation.harness import worker_env
 from soundcheck.evaluation.produce import produce
 from soundcheck.evaluation.simulator import Simulator
+from soundcheck.oncall import read_decisions
 from tests.workers import isolated, start_worker
 
 pytestmark = pytest.mark.integration
@@ -73,6 +74,8 @@ def live(kafka_bootstrap, unique_name, tmp_path_factory):
         (["silence", "add", "region=BR", "--end", "2001-01-01T00:00:00Z"], "end in the past"),
         (["silence", "expire", "no-such-silence"], "no silence with id 'no-such-silence'"),
         (["alerts", "tail", "--since", "yesterday-ish", "--timeout", "1"], "is not RFC 3339"),
+        (["why", "zz-top"], "is not a fingerprint"),
+        (["why", "deadbeefdeadbeef"], "no decision recorded for fingerprint 'deadbeefdeadbeef'"),
     ],
 )
 def test_bad_input_is_refused_before_anything_is_sent(live, args, message):
@@ -109,6 +112,16 @@ def test_a_silence_is_added_listed_applied_and_expired(live):
     tail = _cli(s, tmp, "alerts", "tail", "--from-beginning", "--json", "--timeout", "8")
     alerts = [orjson.loads(line) for line in tail.stdout.splitlines()]
     assert alerts and all(a["detector"] != "behavior.fraud" for a in alerts)
+
+    # the decision log says why the fraud alert never went out: which silence held it
+    decisions = asyncio.run(read_decisions(s, ""))
+    held = next(d for d in decisions if d["decision"] == "silenced")
+    assert held["detail"]["silence_id"] == sid and held["kind"] == "streaming_fraud"
+    why = _cli(s, tmp, "why", held["fingerprint"][:10])
+    assert why.returncode == 0, why.stderr
+    assert held["fingerprint"] in why.stdout and f"silenced      silence {sid} (fraud team is on it)" in why.stdout
+    sent = alerts[0]["fingerprint"]
+    assert "notified" in _cli(s, tmp, "why", sent).stdout
 
     expire = _cli(s, tmp, "silence", "expire", sid)
     assert expire.returncode == 0 and expire.stdout.strip() == sid, expire.stderr

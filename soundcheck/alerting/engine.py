@@ -71,6 +71,22 @@ class AlertEngine:
         self.static_silences = list(cfg.get("silences", []))
         self.notify_info = bool(cfg.get("notify_info", False))
         self.stats: Counter[str] = Counter()  # bounded keys: suppressed, info, silenced, inhibited, released, resolved
+        self.send_resolved_when_silenced = bool(cfg.get("send_resolved_when_silenced", True))
+        #: the decisions taken since the caller last drained them (:meth:`drain_decisions`): the
+        #: decision log, one record per decision and fingerprint (see schemas/decision.schema.json)
+        self.decisions: list[dict[str, Any]] = []
+
+    def drain_decisions(self) -> list[dict[str, Any]]:
+        out, self.decisions = self.decisions, []
+        return out
+
+    def _decide(self, decision: str, fp: str, now: int, alert: Optional[Mapping[str, Any]] = None, **detail: Any) -> None:
+        a = alert or {}
+        self.decisions.append({
+            "fingerprint": fp, "decision": decision, "event_time": int(now), "kind": a.get("kind"),
+            "entity": a.get("entity"), "priority": a.get("priority"), "severity": a.get("severity"),
+            "incident_id": a.get("incident_id"), "detail": detail,
+        })
 
     # -- inputs --------------------------------------------------------------------------------
 
@@ -126,6 +142,8 @@ class AlertEngine:
         if step.alert is not None and step.alert["severity"] == "info" and not self.notify_info:
             self.stats["info"] += 1  # context only: counted, kept in the dedup state, not sent
             state["last_alert"] = step.alert
+            self._decide("info", step.fingerprint, anomaly.event_time, step.alert,
+                         reason="severity info: kept as context, not notified (alerting.notify_info is off)")
         elif step.alert is not None:
             if not state.get("sent"):  # nothing of this episode has gone out yet: it is still news
                 step.alert["notification"] = "new"
@@ -134,10 +152,15 @@ class AlertEngine:
             group = st.setdefault("pending", {}).setdefault(inc, {"first": anomaly.event_time, "flushed_at": None, "alerts": {}})
             if len(group["alerts"]) < MAX_PENDING or step.fingerprint in group["alerts"]:
                 group["alerts"][step.fingerprint] = step.alert
+                self._decide("grouped", step.fingerprint, anomaly.event_time, step.alert, incident_id=inc,
+                             waiting=len(group["alerts"]), notification=step.alert.get("notification"))
             if group["flushed_at"] is None and not group["alerts"]:
                 group["first"] = anomaly.event_time
         else:
             self.stats["suppressed"] += 1
+            self._decide("deduplicated", step.fingerprint, anomaly.event_time, state.get("last_alert"),
+                         occurrences=state.get("occurrences"), last_notified=state.get("last_notified"),
+                         reason=f"already notified; repeated only after windows.dedup_repeat_s or on escalation")
             if state.get("last_alert"):  # keep the record current for a later release or resolve
                 state["last_alert"] = {**state["last_alert"], "last_seen": state["last_seen"], "occurrences": state["occurrences"]}
         self.dedup[step.fingerprint] = state
@@ -203,9 +226,16 @@ class AlertEngine:
             for group in st.get("pending", {}).values():
                 group["alerts"].pop(fp, None)
             held = st.get("held", {}).pop(fp, None)
-            if state.get("last_alert") and state.get("sent") and not held:  # only what was sent is resolved
+            silenced = bool(held) and str(held.get("by", "")).startswith("silence:")
+            # only what was sent is resolved; a silenced one too (the pager closes its incident) if so configured
+            if state.get("last_alert") and state.get("sent") and (not held or (silenced and self.send_resolved_when_silenced)):
                 out.append(self._resolved(state, last, emitted_at))
                 self.stats["resolved"] += 1
+                self._decide("resolved", fp, now, state.get("last_alert"), ends_at=last, notified=True,
+                             while_held_by=held.get("by") if held else None)
+            else:
+                self._decide("resolved", fp, now, state.get("last_alert"), ends_at=last, notified=False,
+                             reason="never notified" if not state.get("sent") else f"held by {held.get('by') if held else '?'}")
         # release held alerts whose silence ended or whose inhibiting root resolved
         for fp, hold in list(st.get("held", {}).items()):
             state = self._get_dedup(fp)
@@ -221,6 +251,7 @@ class AlertEngine:
                      "released_from": {**hold, "released_at": now}, "alert_id": str(uuid.uuid4())}
             out.append(alert)
             self.stats["released"] += 1
+            self._decide("released", fp, now, alert, held_by=hold.get("by"), since=hold.get("since"))
         # forget dedup states of this scope not seen for a long time (event time)
         if dedup_sweep_due(st, now, self.repeat):
             for fp in expired(list(self.dedup.items()), scope, now, 3 * self.repeat):
@@ -253,6 +284,8 @@ class AlertEngine:
             if silence is not None:
                 self._hold(st, fp, f"silence:{silence.get('id', '?')}", now)
                 self.stats["silenced"] += 1
+                self._decide("silenced", fp, now, alert, silence_id=silence.get("id", "?"),
+                             silence_comment=silence.get("comment", ""), silence_ends_at=silence.get("ends_at"))
                 continue
             member = (incident or {}).get("members", {}).get(fp)
             root_member = (incident or {}).get("members", {}).get(root_fp or "")
@@ -260,6 +293,7 @@ class AlertEngine:
                     and root_fp in st.get("open", {}):
                 self._hold(st, fp, f"inhibited_by:{root_fp}", now)
                 self.stats["inhibited"] += 1
+                self._decide("inhibited", fp, now, alert, by_fingerprint=root_fp, root_node=root_member["node"])
                 continue
             alert = dict(alert)
             if incident:  # the latest view of the incident, as of sending
@@ -273,6 +307,8 @@ class AlertEngine:
             alert["emitted_at"] = emitted_at
             alert["alert_id"] = str(uuid.uuid4())
             out.append(alert)
+            self._decide("notified", fp, now, alert, incident_id=inc, group_size=len(batch),
+                         notification=alert.get("notification"), alert_id=alert["alert_id"])
         return out
 
     def _hold(self, st: dict[str, Any], fp: str, by: str, now: int) -> None:

@@ -38,7 +38,7 @@ def changelog_topics(settings: Settings) -> list[str]:
 def worker_topics(settings: Settings) -> list[str]:
     t = settings.topics
     return [t.audio, t.behavior, t.system, t.alerts, t.dead_letter, t.anomalies, t.control, t.aggregates, t.fraud,
-            snapshot_topic(settings), *changelog_topics(settings)]
+            t.decisions, snapshot_topic(settings), *changelog_topics(settings)]
 
 
 def topic_config(name: str) -> dict[str, str]:
