@@ -1,4 +1,4 @@
-"""The ``soundcheck`` command: worker, kafka, simulate, demo, bench, eval, alerts, silence."""
+"""The ``soundcheck`` command: worker, kafka, simulate, demo, bench, eval, alerts, silence, why, backtest."""
 
 from __future__ import annotations
 
@@ -140,8 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     es.set_defaults(func=lambda a: __import__("soundcheck.evaluation.scenarios", fromlist=["cli_main"]).cli_main(a))
 
     from soundcheck import oncall
+    from soundcheck.evaluation import backtest
 
     oncall.add_cli(sub, _settings)
+    backtest.add_cli(sub, _settings)
     kafka_local.add_cli(sub)
     return p
 
