@@ -43,6 +43,7 @@ def _order(doc: Mapping[str, Any]) -> tuple:
 
 MAX_HELD = 200  # held-back fingerprints remembered per scope
 MAX_PENDING = 100  # alerts waiting in one group
+MAX_UNDRAINED = 100_000  # decisions kept when nobody drains them
 
 
 class AlertEngine:
@@ -82,6 +83,8 @@ class AlertEngine:
 
     def _decide(self, decision: str, fp: str, now: int, alert: Optional[Mapping[str, Any]] = None, **detail: Any) -> None:
         a = alert or {}
+        if len(self.decisions) >= MAX_UNDRAINED:  # nobody drains (an offline run): keep the newest
+            del self.decisions[: MAX_UNDRAINED // 2]
         self.decisions.append({
             "fingerprint": fp, "decision": decision, "event_time": int(now), "kind": a.get("kind"),
             "entity": a.get("entity"), "priority": a.get("priority"), "severity": a.get("severity"),
