@@ -32,6 +32,7 @@ import orjson
 
 from soundcheck import snapshots
 from soundcheck.ingest.contracts import Rejection
+from soundcheck.detectors.history import SeriesHistory
 from soundcheck.detectors.stage2 import STREAMS, FraudStage, Stage2
 from soundcheck.kafka.admin import SNAPSHOT_MAX_BYTES, read_latest, snapshot_topic
 from soundcheck.pipeline import decode_internal, publish
@@ -118,7 +119,17 @@ def set_tracked(m: Any, holder: UnitHolder) -> None:
 def register(app: faust.App, ctx: Any) -> None:
     settings, m = ctx.settings, ctx.metrics
     keeper: SnapshotKeeper = ctx.snapshots
-    agg = ctx.processors["aggregates"] = UnitHolder("aggregates", lambda: {s: Stage2(settings, s) for s in STREAMS})
+    if ctx.history is None:  # the incident page's window values: per worker, empty after a restart
+        ctx.history = SeriesHistory(step_s=settings.windows.aggregate_s)
+
+    def new_unit() -> dict[str, Stage2]:
+        unit = {s: Stage2(settings, s) for s in STREAMS}
+        for st in unit.values():
+            for det in st.detectors:
+                det.history = ctx.history  # fed as each window is evaluated; never in a snapshot
+        return unit
+
+    agg = ctx.processors["aggregates"] = UnitHolder("aggregates", new_unit)
     fraud = ctx.processors["fraud"] = UnitHolder("fraud", lambda: FraudStage(settings))
     anomalies_topic, dlq = ctx.topics["anomalies"], ctx.topics["dead_letter"]
     tick_ms = settings.windows.aggregate_s * 1000

@@ -1,4 +1,5 @@
-"""``/metrics`` (Prometheus exposition) and ``/health`` on the worker's Faust web server."""
+"""``/metrics`` (Prometheus exposition), ``/health`` and ``/incidents`` (the incident page, read-only
+HTML: :mod:`soundcheck.alerting.page`) on the worker's Faust web server."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ from typing import Any
 
 import faust
 from prometheus_client import CONTENT_TYPE_LATEST
+
+from soundcheck.alerting.page import render_engine
 
 
 def register(app: faust.App, ctx: Any) -> None:
@@ -27,3 +30,12 @@ def register(app: faust.App, ctx: Any) -> None:
             "ready": bool(assigned) and inputs > 0 and not app.rebalancing,
         }
         return web.json(body)
+
+    @app.page("/incidents")
+    async def incidents(web: faust.web.View, request: faust.web.Request) -> faust.web.Response:
+        """Open and recently resolved incidents of this worker's alerting partitions, with plots."""
+        engine = getattr(ctx, "engine", None)
+        if engine is None:
+            return web.html("<!DOCTYPE html><title>Soundcheck incidents</title><p>The alert engine has not started yet.</p>",
+                            status=503)
+        return web.html(render_engine(engine, getattr(ctx, "history", None)))

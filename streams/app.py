@@ -34,6 +34,7 @@ class WorkerContext:
     ingest: dict[str, Any] = field(default_factory=dict)  # stream -> soundcheck.pipeline.IngestStage (stage 1)
     ingest_service: Any = None  # agents.ingest.IngestService, once started
     snapshots: Any = None  # agents.detect.SnapshotKeeper: stage-2 state snapshots per partition
+    history: Any = None  # soundcheck.detectors.history.SeriesHistory: recent window values (the incident page)
 
 
 def broker_urls(bootstrap: str) -> list[str]:

@@ -8,7 +8,7 @@ from typing import Any, Callable, Generic, Hashable, Iterator, Mapping, Optional
 
 import orjson
 
-from .baseline import RobustBaseline, Signal
+from .baseline import RobustBaseline, Signal, observing
 from .windows import TumblingAggregator, WindowAggregate
 
 T = TypeVar("T")
@@ -170,6 +170,9 @@ class WindowedDetector:
     name = "windowed"
     stream = ""
     n_features = 1
+    #: a :class:`~soundcheck.detectors.history.SeriesHistory` told every window's scored values
+    #: (set by the worker, agents/detect.py); not detector state: snapshots do not capture it
+    history: Any = None
 
     def __init__(self, settings: Any, source_topic: str) -> None:
         cfg = settings.detection
@@ -214,6 +217,13 @@ class WindowedDetector:
             return []
         return self.evaluate(max(a.end for a in self.windows._open.values()))
 
+    def _findings(self, agg: WindowAggregate) -> list[Finding]:
+        """:meth:`findings`, with the window's scored values told to :attr:`history` when set."""
+        if self.history is None:
+            return self.findings(agg)
+        with observing(self.history.recorder(self.name, agg.key, agg.start)):
+            return self.findings(agg)
+
     def evaluate(self, watermark: int) -> list[Anomaly]:
         """The anomalies of the windows that end at or before ``watermark`` (which close)."""
         closed = self.windows.advance(watermark)
@@ -234,7 +244,7 @@ class WindowedDetector:
                 details=f.details,
             )
             for agg in closed
-            for f in self.findings(agg)
+            for f in self._findings(agg)
         ]
         if closed:
             self.entities.expire(closed[-1].end)

@@ -29,10 +29,27 @@ that sit the rules that make it usable for alerting:
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 from river import stats
+
+#: Told ``(feature, observed, expected, lower, upper)`` of each value :meth:`RobustBaseline.update_one`
+#: scores against a learned mean, while :func:`observing` has set it (the incident page's window
+#: history). Module state, never part of a baseline; it changes nothing a baseline returns or learns.
+_observer: Optional[Callable[[str, float, float, float, float], None]] = None
+
+
+@contextmanager
+def observing(fn: Callable[[str, float, float, float, float], None]) -> Iterator[None]:
+    """Tell ``fn`` every value scored inside the ``with`` block (see ``_observer``)."""
+    global _observer
+    previous, _observer = _observer, fn
+    try:
+        yield
+    finally:
+        _observer = previous
 
 
 @dataclass(slots=True)
@@ -129,6 +146,19 @@ class RobustBaseline:
             return lim["min"]
         return None
 
+    def _observe(self, f: _Feature, name: str, value: float, given: Optional[float], effect: float) -> None:
+        """Tell the observer the value, the mean and the band a value must leave to open a signal
+        (``z_threshold`` spreads, at least the minimum effect, each side). Reads only."""
+        mean = f.mean.get()
+        spread = given if given is not None else math.sqrt(max(f.var.get(), 0.0))
+        spread = max(spread, self.relative_floor * abs(mean), self.absolute_floor)
+        width = max(self.z_threshold * spread, effect)
+        try:
+            if _observer is not None:
+                _observer(name, value, mean, mean - width, mean + width)
+        except Exception:  # the history is a view: it never breaks detection
+            pass
+
     def learn_one(self, x: Mapping[str, float]) -> None:
         """Learn the observation unconditionally (use :meth:`update_one` to protect the baseline)."""
         self.observations += 1
@@ -173,6 +203,8 @@ class RobustBaseline:
             # a rate judged by its standard error must be past its limit by two of them
             limit = self._breach(name, value, 2.0 * given if given else 0.0)
             effect = self._min_effect(f, name)
+            if _observer is not None and f.n >= 2:
+                self._observe(f, name, value, given, effect)
             abnormal = warm and ((z >= self.z_threshold and delta >= effect) or limit is not None)
             still = warm and ((z >= self.z_clear and delta >= effect / 2) or limit is not None)
             if f.open_since is None and abnormal:
