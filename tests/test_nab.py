@@ -233,3 +233,23 @@ def test_bad_input_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None
     empty.mkdir()
     with pytest.raises(nab.NabError, match="no CSV files"):
         nab.run(empty, tmp_path / "out")
+
+
+@pytest.mark.parametrize("detector", sorted(REFERENCE))
+def test_a_fixed_threshold_scores_as_the_sweep_does_and_leave_one_category_out_uses_held_out_thresholds(
+        shared: Path, windows: dict, detector: str) -> None:
+    results = {}
+    for name in windows:
+        cat, _, fname = name.rpartition("/")
+        results[name] = nab.read_scores(shared / "reference" / detector / cat / f"{detector}_{fname}")
+    whole = nab.score_corpus(results, windows)
+    for p, s in whole.items():  # raw_at at the swept threshold is the sweep's own raw score
+        raw, null, perfect = nab.raw_at(results, windows, nab.load_profiles(None)[p], s.threshold)
+        assert (raw, null, perfect) == pytest.approx((s.raw, s.null, s.perfect), abs=1e-6)
+    loco = nab.leave_one_category_out(results, windows)
+    for p, r in loco.items():
+        assert set(r["folds"]) == {"artificialNoAnomaly", "artificialWithAnomaly", "realAdExchange", "realKnownCause"}
+        for cat, fold in r["folds"].items():  # each fold's threshold is the best one on the other three
+            train = {k: v for k, v in results.items() if not k.startswith(cat + "/")}
+            assert fold["threshold"] == nab.score_corpus(train, windows, {p: nab.load_profiles(None)[p]})[p].threshold
+        assert r["score"] != whole[p].score

@@ -319,6 +319,59 @@ def score_corpus(
     return out
 
 
+def raw_at(
+    results: Mapping[str, tuple[Sequence[str], np.ndarray]],
+    windows: Mapping[str, Sequence[tuple[str, str]]],
+    profile: Mapping[str, float],
+    threshold: float,
+) -> tuple[float, float, float]:
+    """The raw score of ``results`` at a fixed ``threshold`` (not chosen on them), with its null
+    and perfect scores: what a threshold tuned elsewhere earns here."""
+    tpw, fpw, fnw = float(profile["tpWeight"]), float(profile["fpWeight"]), float(profile["fnWeight"])
+    raw = null = perfect = 0.0
+    for name, (ts, sc) in results.items():
+        lay = file_layout(ts, windows.get(name, []))
+        sc = np.asarray(sc, dtype=float)
+        m = lay.scored
+        det = m & (sc >= threshold)
+        scorable = np.unique(lay.window[m & (lay.window >= 0)])
+        null -= fnw * len(scorable)
+        perfect += tpw * len(windows.get(name, []))
+        for k in scorable:
+            hits = det & (lay.window == k)
+            raw += float(np.max(lay.tp[hits]) * tpw) if hits.any() else -fnw
+        raw += float(np.sum(lay.fp[det & (lay.window < 0)]) * fpw)
+    return raw, null, perfect
+
+
+def leave_one_category_out(
+    results: Mapping[str, tuple[Sequence[str], np.ndarray]],
+    windows: Mapping[str, Sequence[tuple[str, str]]],
+    profiles: Optional[Mapping[str, Mapping[str, float]]] = None,
+) -> dict[str, dict[str, Any]]:
+    """Per profile: the threshold chosen on three categories and scored on the fourth, for each
+    category in turn; the held-out raw scores add up to one normalised score over the whole slice,
+    comparable with :func:`score_corpus`'s (where the threshold is chosen on the data it is scored on)."""
+    profiles = load_profiles(None) if profiles is None else profiles
+    cats = sorted({name.rpartition("/")[0] for name in results})
+    if len(cats) < 2:
+        raise NabError("leave-one-category-out needs files of at least two categories")
+    out: dict[str, dict[str, Any]] = {}
+    for pname, prof in profiles.items():
+        folds, raw_sum, null_sum, perfect_sum = {}, 0.0, 0.0, 0.0
+        for cat in cats:
+            train = {k: v for k, v in results.items() if k.rpartition("/")[0] != cat}
+            test = {k: v for k, v in results.items() if k.rpartition("/")[0] == cat}
+            thr = score_corpus(train, {k: windows.get(k, []) for k in train}, {pname: prof})[pname].threshold
+            raw, null, perfect = raw_at(test, windows, prof, thr)
+            raw_sum, null_sum, perfect_sum = raw_sum + raw, null_sum + null, perfect_sum + perfect
+            folds[cat] = {"threshold": thr, "raw": raw,  # (a category without windows has no normalised score)
+                          "score": 100.0 * (raw - null) / (perfect - null) if perfect != null else None}
+        denom = perfect_sum - null_sum
+        out[pname] = {"score": 100.0 * (raw_sum - null_sum) / denom if denom else 0.0, "folds": folds}
+    return out
+
+
 def score_folder(
     results_dir: str | Path,
     windows: Mapping[str, Sequence[tuple[str, str]]],
@@ -419,7 +472,10 @@ def run(
         scored = {k: v for k, v in results.items() if k in windows}
         report["unlabelled_files"] = extra
         report["labelled_files_missing"] = missing
-        report["scores"] = score_corpus(scored, {k: v for k, v in windows.items() if k in scored}, profiles)
+        labelled = {k: v for k, v in windows.items() if k in scored}
+        report["scores"] = score_corpus(scored, labelled, profiles)
+        if len({k.rpartition("/")[0] for k in scored}) >= 2:
+            report["loco"] = leave_one_category_out(scored, labelled, profiles)
     return report
 
 
@@ -446,8 +502,20 @@ def cli_main(args: Any) -> int:
     if names == std:
         for det, figs in PUBLISHED.items():
             print(f"{det + ' (published, slice)':<38}" + "".join(f"{x:>20.1f}" for x in figs))
+    loco = report.get("loco")
+    if loco:
+        print(f"{'soundcheck, leave-one-category-out':<38}" + "".join(f"{loco[n]['score']:>20.2f}" for n in names))
     print()
     for n in names:
         s = scores[n]
         print(f"{n}: threshold {s.threshold:.4f}, windows detected {s.tp}/{s.tp + s.fn}, false-positive rows {s.fp}")
+    if loco:
+        print()
+        print("leave-one-category-out: the threshold chosen on the other three categories, scored on this one")
+        for n in names:
+            folds = "; ".join(f"{c} {f['score']:.1f}" if f["score"] is not None else f"{c} raw {f['raw']:.2f} (no windows)"
+                              for c, f in loco[n]["folds"].items())
+            gap = scores[n].score - loco[n]["score"]
+            print(f"  {n}: {loco[n]['score']:.2f} overall, {gap:.2f} below the whole-slice score"
+                  f"{' (more than 5: fitted to the slice)' if gap > 5 else ''}; {folds}")
     return 0
