@@ -42,6 +42,7 @@ from .ingest import dead_letter
 log = logging.getLogger(__name__)
 SNAPSHOT_INTERVAL_S = 30.0  # write the snapshots of changed partitions this often (wall time)
 SNAPSHOT_INTERVAL_ENV = "SOUNDCHECK_SNAPSHOT_INTERVAL_S"  # overrides it (tests)
+MAX_CATCH_UP = 20_000  # records re-read per partition between a snapshot and the committed offset, at most
 RESTORE_TIMEOUT_S = 60.0  # give up reading the snapshot topic after this long (the partitions start fresh)
 SEND_TIMEOUT_S = 30.0  # give up writing one snapshot after this long (it is retried at the next interval)
 ADVANCE_EVERY_S = 1.0
@@ -439,7 +440,9 @@ class SnapshotKeeper:
             meta = committed.get(tp)
             first = self.ctx.processors[role].offsets.get(part, -1) + 1
             if meta is not None and meta.offset > first:
-                todo[tp] = (first, meta.offset)
+                # without a (usable) snapshot this could be the topic's whole retention: the last
+                # MAX_CATCH_UP records at most, which is what a snapshot interval holds many times over
+                todo[tp] = (max(first, meta.offset - MAX_CATCH_UP), meta.offset)
         if not todo:
             return
         started, replayed = time.monotonic(), 0

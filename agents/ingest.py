@@ -214,7 +214,7 @@ def register(app: faust.App, ctx: Any) -> None:
                             except Exception as exc:  # the broker is away: try again, never give up the loop
                                 log.warning("soundcheck.ingest: rewinding failed (%s: %s); retrying", type(exc).__name__, exc)
                                 await asyncio.sleep(2.0)
-                    await self.report_lag()
+                await self.report_lag()  # (outside the lock: it may wait a moment for a position)
 
         async def report_lag(self) -> None:
             """``soundcheck_consumer_lag`` of the assigned input partitions, at most every LAG_EVERY_S."""

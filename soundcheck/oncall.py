@@ -28,21 +28,23 @@ RESOLVED_COLOR, DIM, RESET = "\033[32m", "\033[2m", "\033[0m"
 # --------------------------------------------------------------------------- times
 
 
-def parse_time(text: str, now_ms: Optional[int] = None) -> int:
-    """``2026-12-01T06:00:00Z`` (RFC 3339, a time zone required), epoch milliseconds, or a duration
-    ago (``10m``: ten minutes before now), as epoch milliseconds."""
+def parse_time(text: str, now_ms: Optional[int] = None, ago: bool = True) -> int:
+    """``2026-12-01T06:00:00Z`` (RFC 3339, a time zone required), epoch milliseconds, or (``ago``) a
+    duration ago (``10m``: ten minutes before now), as epoch milliseconds."""
     now = int(time.time() * 1000) if now_ms is None else now_ms
     s = text.strip()
     if s.isdigit():
         return int(s)
-    try:
-        return now - silences.parse_duration(s)
-    except silences.SilenceError:
-        pass
+    if ago:
+        try:
+            return now - silences.parse_duration(s)
+        except silences.SilenceError:
+            pass
     try:
         dt = datetime.fromisoformat(s.replace("Z", "+00:00"))
     except ValueError:
-        raise silences.SilenceError(f"time {text!r} is not RFC 3339 (2026-12-01T06:00:00Z), epoch ms or a duration like 10m") from None
+        raise silences.SilenceError(f"time {text!r} is not RFC 3339 (2026-12-01T06:00:00Z), epoch ms"
+                                    + (" or a duration ago like 10m" if ago else "")) from None
     if dt.tzinfo is None:
         raise silences.SilenceError(f"time {text!r} has no time zone (add Z or +01:00)")
     return int(dt.timestamp() * 1000)
@@ -252,7 +254,9 @@ async def read_decisions(settings: Settings, prefix: str, timeout: float = 60.0)
         pending = {tp for tp in tps if end[tp] > 0}
         deadline = time.monotonic() + timeout
         key = prefix.encode()
-        while pending and time.monotonic() < deadline:
+        while pending:
+            if time.monotonic() > deadline:
+                raise silences.SilenceError(f"the decision log {topic!r} was not read to its end within {timeout:.0f} s")
             for tp, records in (await consumer.getmany(*pending, timeout_ms=300)).items():
                 for r in records:
                     if r.offset < end[tp] and r.key is not None and r.key.startswith(key):
@@ -322,7 +326,7 @@ def cmd_why(args: argparse.Namespace, settings: Settings) -> int:
         return 2
     if not found:
         print(f"soundcheck why: no decision recorded for fingerprint {fp!r} in {settings.topics.decisions} "
-              "(the log keeps 7 days)", file=sys.stderr)
+              "(kept as long as the topic's retention, 7 days by default)", file=sys.stderr)
         return 2
     if args.json:
         for d in found:
@@ -354,8 +358,8 @@ def cmd_silence(args: argparse.Namespace, settings: Settings) -> int:
     name = f"soundcheck silence {args.silence_command}"
     try:
         if args.silence_command == "add":
-            ends = parse_time(args.end) if args.end else None
-            starts = parse_time(args.start) if args.start else None
+            ends = parse_time(args.end, ago=False) if args.end else None
+            starts = parse_time(args.start, ago=False) if args.start else None
             s = silences.new_silence(args.matchers, labels=silences.known_labels(settings), duration=args.duration,
                                      ends_at=ends, starts_at=starts, author=args.author, comment=args.comment)
             asyncio.run(send_control(settings, s["id"], {"action": "silence", "silence": s}))

@@ -26,7 +26,9 @@ from soundcheck.alerting.correlate import ServiceGraph, pseudonymize, public_ent
 from soundcheck.ingest.contracts import Contract, Rejection, load_contracts
 from soundcheck.detectors.base import Anomaly
 from soundcheck.detectors.stage2 import STREAMS, FraudStage, Stage2
-from soundcheck.ingest.partials import Partial, PartitionAggregator, Pseudonyms, fraud_rows, internal_partition, stable_partition
+from soundcheck.ingest.partials import (
+    Partial, PartitionAggregator, Pseudonyms, fraud_rows, internal_partition, offset_ordinals, stable_partition,
+)
 from soundcheck.settings import Settings
 
 MAX_INTERNAL_BYTES = 512 * 1024  # an internal message (the internal topics keep the broker's 1 MB default limit)
@@ -132,13 +134,14 @@ class IngestStage:
         self.sent_progress.pop(partition, None)
 
     def process(self, partition: int, records: Sequence[Any], offsets: Optional[np.ndarray] = None,
-                now: Optional[float] = None) -> list[AggregatesMessage]:
-        """Add one partition's decoded records; return what is to be sent."""
+                now: Optional[float] = None, ordinals: Optional[Sequence[int]] = None) -> list[AggregatesMessage]:
+        """Add one partition's decoded records; return what is to be sent (``ordinals``: each record's
+        position among the records of its offset, when the records are not a whole batch)."""
         pa = self.get(partition)
         out: list[AggregatesMessage] = []
         if records and self.stream == "behavior":
             rows = fraud_rows(records, pa.closed_until, pa.size_ms, self.pseudonyms, self.fraud_partitions, self.devices,
-                              offsets.tolist() if offsets is not None else None)
+                              offsets.tolist() if offsets is not None else None, ordinals)
             out.extend(AggregatesMessage("fraud", part, value) for part, r in sorted(rows.items())
                        for _, value in _parts(r, lambda x: encode_rows(partition, pa.closed_until, x, of=self.input_partitions)))
         pa.add(records, offsets)
@@ -167,10 +170,11 @@ class IngestStage:
             self.sent_progress[partition] = sent
         out: list[AggregatesMessage] = []
         failed: list[tuple[int, str]] = []
+        ordinals = offset_ordinals(offsets.tolist() if offsets is not None else [0] * len(records))
         for j, rec in enumerate(records):
             before = self.parts[partition].snapshot()
             try:
-                out += self.process(partition, [rec], None if offsets is None else offsets[j:j + 1], now)
+                out += self.process(partition, [rec], None if offsets is None else offsets[j:j + 1], now, ordinals[j:j + 1])
             except Exception as exc:
                 self.parts[partition] = before
                 failed.append((j, f"{type(exc).__name__}: {str(exc)[:200]} (the batch failed with {first})"))

@@ -177,3 +177,22 @@ def test_an_alert_notified_then_silenced_still_gets_its_resolved_notice(settings
         out = run(engine, [(t * S, anomaly(t * S)) for t in range(100, 2000, 10)])
         out += run(engine, [(t * S, None) for t in range(2000, 2000 + s.windows.resolve_after_s + 20, 10)])
         assert [n["status"] for n in out].count("resolved") == (1 if on else 0), (on, [n["notification"] for n in out])
+
+
+def test_a_config_silence_gets_the_same_checks_as_one_from_the_control_topic(settings):
+    from soundcheck.settings import SettingsError
+
+    for bad, message in (({"id": "x", "matchers": {}}, "at least one matcher"),
+                         ({"id": "x", "matchers": {"colour": "red"}}, "unknown label 'colour'"),
+                         ({"id": "x", "matchers": [{"name": "region", "value": "(", "isRegex": True}]}, "not a valid regular")):
+        s = settings.replace(alerting={"silences": [bad]})
+        with pytest.raises(SettingsError, match=message):
+            AlertEngine(s, ServiceGraph(s.services), {}, {}, {})
+
+
+def test_an_expired_silence_is_expired_even_before_it_would_have_started():
+    from soundcheck.alerting import silences
+
+    s = {"id": "later", "matchers": {"region": "BR"}, "starts_at": 1_000, "ends_at": 2_000, "expired_at": 500}
+    assert silences.state(s, 600) == "expired"
+    assert not silences.silence_matches(s, {"entity": {"region": "BR"}}, 1_500)

@@ -363,3 +363,35 @@ def test_a_huge_message_is_split_into_internal_messages_that_fit_and_none_of_its
         taken = sum(len(s.pending) for s in stages.values())
         duplicates = sum(s.duplicates for s in stages.values())
         assert (taken, duplicates) == (50_000, 50_000 if again else 0)
+
+
+def test_a_batch_retried_record_by_record_keeps_every_fraud_row(settings, monkeypatch):
+    """One array message (one offset) whose batch fails in our code is retried record by record:
+    its records keep their positions within the message, so the fraud stage takes each once."""
+    import numpy as np
+    import orjson
+
+    from soundcheck.ingest import partials
+    from soundcheck.ingest.contracts import load_contracts
+    from soundcheck.pipeline import IngestStage, decode_internal
+
+    base = {"ts": T0, "user_id": "u-one", "session_id": "s-1", "device_id": "d-1", "country": "US",
+            "user_segment": "free", "event_type": "play_start", "track_id": "tr-1", "artist_id": "ar-1"}
+    records, _ = load_contracts()["behavior"].decode(
+        orjson.dumps([{**base, "event_id": f"b-{i}", "ts": T0 + i} for i in range(20)]), now_ms=T0 + 10**7)
+    original = partials.PartitionAggregator.add
+
+    def failing(self, recs, offsets=None):
+        if len(recs) > 1:
+            raise ZeroDivisionError("a bug of ours that only a whole batch meets")
+        return original(self, recs, offsets)
+
+    monkeypatch.setattr(partials.PartitionAggregator, "add", failing)
+    out, failed = IngestStage(settings, "behavior").process_safely(0, records, np.full(20, 3, dtype=np.int64), now=T0 / 1000)
+    assert failed == []
+    stage = FraudStage(settings)
+    for m in out:
+        if m.topic == "fraud":
+            doc = decode_internal(m.value)
+            stage.add(doc["source"], doc["rows"], None)
+    assert (len(stage.pending), stage.duplicates) == (20, 0)

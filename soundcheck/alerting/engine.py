@@ -32,9 +32,9 @@ from typing import Any, Mapping, MutableMapping, Optional
 import orjson
 
 from soundcheck.alerting.correlate import ServiceGraph, alert_step, dedup_sweep_due, expired, fingerprint
-from soundcheck.alerting.silences import silence_matches  # noqa: F401 (also part of this module's interface)
+from soundcheck.alerting.silences import SilenceError, known_labels, silence_matches, validate
 from soundcheck.detectors.base import Anomaly
-from soundcheck.settings import Settings
+from soundcheck.settings import Settings, SettingsError
 
 def _order(doc: Mapping[str, Any]) -> tuple:
     """The order anomalies of one event time are taken in: stable whatever their arrival."""
@@ -69,7 +69,11 @@ class AlertEngine:
         self.repeat = w.dedup_repeat_s * 1000
         self.inhibit = bool(cfg["inhibit"]["enabled"])
         self.inhibit_confidence = float(cfg["inhibit"]["min_confidence"])
-        self.static_silences = list(cfg.get("silences", []))
+        labels = known_labels(settings)
+        try:  # the config's own silences pass the checks the control topic's do (a typo must not mute everything)
+            self.static_silences = [validate(s, labels, max_ms=None) for s in cfg.get("silences", [])]
+        except SilenceError as exc:
+            raise SettingsError(f"config: alerting.silences: {exc}") from None
         self.notify_info = bool(cfg.get("notify_info", False))
         self.stats: Counter[str] = Counter()  # bounded keys: suppressed, info, silenced, inhibited, released, resolved
         self.send_resolved_when_silenced = bool(cfg.get("send_resolved_when_silenced", True))
@@ -101,12 +105,15 @@ class AlertEngine:
         that arrives after the clock has passed it is taken at once."""
         scope = anomaly.scope or anomaly.region
         st = self._scope(scope)
-        if orjson.loads(anomaly.to_json()) in st.get("inbox", []) or self._taken(anomaly):
+        if self._taken(anomaly):
             return []  # read again after a restart: the tables already hold it (they run ahead of the committed offset)
+        doc = orjson.loads(anomaly.to_json())
+        if doc in st.get("inbox", []):
+            return []  # the same, still waiting for its tick
         if anomaly.event_time <= st.get("now", -(2**62)):
             out = self._take(anomaly, scope, st, emitted_at)
         else:
-            st.setdefault("inbox", []).append(orjson.loads(anomaly.to_json()))
+            st.setdefault("inbox", []).append(doc)
             out = []
         self.scopes[scope] = st
         return out
@@ -163,7 +170,7 @@ class AlertEngine:
             self.stats["suppressed"] += 1
             self._decide("deduplicated", step.fingerprint, anomaly.event_time, state.get("last_alert"),
                          occurrences=state.get("occurrences"), last_notified=state.get("last_notified"),
-                         reason=f"already notified; repeated only after windows.dedup_repeat_s or on escalation")
+                         reason="already notified; repeated only after windows.dedup_repeat_s or on escalation")
             if state.get("last_alert"):  # keep the record current for a later release or resolve
                 state["last_alert"] = {**state["last_alert"], "last_seen": state["last_seen"], "occurrences": state["occurrences"]}
         self.dedup[step.fingerprint] = state

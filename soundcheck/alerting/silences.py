@@ -135,10 +135,13 @@ def silence_matches(silence: Mapping[str, Any], alert: Mapping[str, Any], now: i
     """
     if not (silence.get("starts_at", 0) <= now < silence.get("ends_at", 2**62)):
         return False
+    if silence.get("expired_at") is not None and now >= silence["expired_at"]:
+        return False
     return all(m.matches(alert) for m in matchers_of(silence))
 
 
-def validate(doc: Mapping[str, Any], labels: Optional[Iterable[str]] = None) -> dict[str, Any]:
+def validate(doc: Mapping[str, Any], labels: Optional[Iterable[str]] = None,
+             max_ms: Optional[int] = MAX_DURATION_MS) -> dict[str, Any]:
     """A silence as stored in the worker's table, checked: an ``id``, at least one matcher (and
     at least one that is not satisfied by the empty string, so that a silence cannot mute
     everything by accident), ``starts_at < ends_at``, at most MAX_DURATION_MS long."""
@@ -162,13 +165,16 @@ def validate(doc: Mapping[str, Any], labels: Optional[Iterable[str]] = None) -> 
         raise SilenceError("starts_at and ends_at are epoch milliseconds") from None
     if ends <= starts:
         raise SilenceError(f"the silence ends ({ends}) before it starts ({starts})")
-    if ends - starts > MAX_DURATION_MS and ends != 2**62:
-        raise SilenceError(f"a silence lasts at most {MAX_DURATION_MS // 86_400_000} days")
-    return {
+    if max_ms is not None and ends - starts > max_ms and ends != 2**62:
+        raise SilenceError(f"a silence lasts at most {max_ms // 86_400_000} days")
+    out = {
         "id": sid, "matchers": [m.to_dict() for m in matchers], "starts_at": starts, "ends_at": ends,
         "author": str(doc.get("author", ""))[:200], "comment": str(doc.get("comment", ""))[:2000],
         "created_at": int(doc.get("created_at", 0) or 0),
     }
+    if doc.get("expired_at") is not None:
+        out["expired_at"] = int(doc["expired_at"])
+    return out
 
 
 def new_silence(matchers: list[str], *, labels: Iterable[str], duration: Optional[str] = None,
@@ -192,6 +198,6 @@ def new_silence(matchers: list[str], *, labels: Iterable[str], duration: Optiona
 
 def state(silence: Mapping[str, Any], now_ms: int) -> str:
     """``active``, ``pending`` (starts later) or ``expired``."""
-    if now_ms >= silence.get("ends_at", 2**62):
+    if now_ms >= silence.get("ends_at", 2**62) or silence.get("expired_at") is not None:
         return "expired"
     return "pending" if now_ms < silence.get("starts_at", 0) else "active"

@@ -419,9 +419,24 @@ def stable_partition(key: str, partitions: int) -> int:
 _FRAUD_TYPES = frozenset({"play_start", "play_complete", "payment_attempt", "payment_success", "payment_failure"})
 
 
+def offset_ordinals(offsets: Sequence[int]) -> list[int]:
+    """Each record's position among the records of its offset (the records of one message are
+    consecutive): ``[7, 7, 7, 8] -> [0, 1, 2, 0]``.
+
+    >>> offset_ordinals([7, 7, 7, 8, 9, 9])
+    [0, 1, 2, 0, 0, 1]
+    """
+    out, prev, k = [], None, 0
+    for off in offsets:
+        k = k + 1 if off == prev else 0
+        prev = off
+        out.append(k)
+    return out
+
+
 def fraud_rows(records: Sequence[Any], closed_until: int, size_ms: int, pseudonyms: Pseudonyms,
                partitions: int, device_pseudonyms: Optional[Pseudonyms] = None,
-               offsets: Optional[Sequence[int]] = None) -> dict[int, list[list]]:
+               offsets: Optional[Sequence[int]] = None, ordinals: Optional[Sequence[int]] = None) -> dict[int, list[list]]:
     """Compact rows of the behaviour events the fraud detector reads, grouped by the fraud
     topic's partition of their user: ``[ts, user, event_type, device, country, segment, artist,
     payment_method, source offset, ordinal]`` with user, device and payment method pseudonymised (the offset and
@@ -436,10 +451,10 @@ def fraud_rows(records: Sequence[Any], closed_until: int, size_ms: int, pseudony
     where: dict[str, list] = {}
     offs = offsets if offsets is not None else [0] * len(records)
     kinds = _FRAUD_TYPES
-    prev, k = None, 0
-    for r, off in zip(records, offs):
-        k = k + 1 if off == prev else 0  # (counted before late records are left out: the same on every read)
-        prev = off
+    # (counted before late records are left out: the same on every read; given when the records
+    # are not a whole batch, as when a batch is retried record by record)
+    ords = ordinals if ordinals is not None else offset_ordinals(offs)
+    for r, off, k in zip(records, offs, ords):
         ts = r.ts
         if ts < closed_until:  # closed_until is a window boundary: the record's window is closed
             continue

@@ -518,7 +518,7 @@ class LocalKafka:
         if done.returncode != 0:
             raise BrokerError(
                 f"formatting Kafka storage in {self.data_dir} failed (exit code {done.returncode}):\n"
-                f"$ {' '.join(cmd)}\n{_tail(done.stdout) or '(no output)'}"
+                f"$ {re.sub(r'password=[^],]*', 'password=***', ' '.join(cmd))}\n{_tail(done.stdout) or '(no output)'}"
             )
 
     def _wait_until_answering(self, timeout: float) -> None:
