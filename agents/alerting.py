@@ -15,6 +15,17 @@ notifies them again:
   groups waiting to be sent, alerts held back by a silence or an inhibition.
 * ``soundcheck-control``, a global table of silences, written by the control agent from the
   ``soundcheck.control`` topic and read by every worker.
+* ``soundcheck-outbox``, keyed by anomalies partition: the notifications being sent.
+
+Sending, so that a crash neither loses nor repeats a notification: the table changes behind a
+batch of notifications and the batch itself (in the outbox) are put on the broker first; then the
+notifications are sent and acknowledged; then the outbox is emptied. A notification's
+``alert_id`` names its decision (:func:`soundcheck.alerting.engine.notification_id`), so the same
+decision taken again has the same id. When a worker takes an anomalies partition on, it reads the
+ids on the alerts topic since the partition's first uncommitted record (less a margin) and sends
+neither those again -- the records it re-reads give the same decisions -- nor what its outbox
+holds that is already there; the rest of the outbox, lost when the previous owner died before the
+broker acknowledged it, is sent.
 
 Ticks: every ingest agent sends, to each anomalies partition, the event time its stream has
 reached (once per aggregation window). On a tick the agent takes the slowest stream's time
@@ -26,7 +37,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, Mapping
 
 import faust
 import orjson
@@ -36,12 +47,14 @@ from soundcheck.alerting import silences
 from soundcheck.alerting.engine import AlertEngine
 from soundcheck.ingest.contracts import Rejection
 from soundcheck.detectors.base import Anomaly
-from soundcheck.kafka.admin import TABLES
+from soundcheck.kafka.admin import TABLES, read_since
 
 from .ingest import dead_letter
 
 log = logging.getLogger(__name__)
 STREAM_SILENT_S = 60.0  # a stream without ticks for this long (wall time) no longer holds the clock back
+LOOKBACK_MS = 5 * 60_000  # a partition taken on: alerts read from its first record's timestamp less this (clock skew)
+MAX_SENT_IDS = 50_000  # ids of sent notifications remembered per anomalies partition
 
 
 def partition_of(key: str, partitions: int) -> int:
@@ -52,8 +65,9 @@ def partition_of(key: str, partitions: int) -> int:
 def register(app: faust.App, ctx: Any) -> None:
     settings, m = ctx.settings, ctx.metrics
     partitions = settings.kafka.partitions
-    dedup_name, incidents_name, control_name = TABLES  # their changelogs are created with the topics
+    dedup_name, incidents_name, control_name, outbox_name = TABLES  # their changelogs are created with the topics
     dedup = app.Table(dedup_name, default=None, partitions=partitions)
+    outbox = app.Table(outbox_name, default=None, partitions=partitions)  # str(anomalies partition) -> notifications being sent
     scopes = app.Table(incidents_name, default=None, partitions=partitions)
     control = app.GlobalTable(control_name, default=None, partitions=partitions)
     labels = silences.known_labels(settings)  # what a silence's matchers may name
@@ -65,21 +79,73 @@ def register(app: faust.App, ctx: Any) -> None:
     first_tick: dict[int, float] = {}
     moved: dict[int, int] = {}  # partition -> the clock last acted on
 
-    def stage2_partitions() -> int:
+    def stage2_partitions() -> tuple[int, int]:
+        """The partition counts of the aggregates and fraud topics."""
         ing = next(iter(ctx.ingest.values()), None) if getattr(ctx, "ingest", None) else None
-        return ing.aggregates_partitions if ing is not None else partitions
+        return (ing.aggregates_partitions, ing.fraud_partitions) if ing is not None else (partitions, partitions)
+
+    def all_ticked(sources: Mapping[tuple[str, int], Any]) -> bool:
+        """Every aggregates partition has ticked, and every fraud partition too once the behaviour
+        stream has (the fraud stage follows it)."""
+        n_agg, n_fraud = stage2_partitions()
+        agg = {src for stream, src in sources if stream != "fraud"}
+        fraud = {src for stream, src in sources if stream == "fraud"}
+        behaviour = any(stream == "behavior" for stream, _ in sources)
+        return len(agg) >= n_agg and (not behaviour or len(fraud) >= n_fraud)
     reported: dict[str, int] = {}
 
-    async def send(notes: list[dict[str, Any]]) -> None:
+    sent_ids: dict[int, dict[str, None]] = {}  # anomalies partition taken on -> ids of notifications sent (oldest first)
+
+    async def take_on(partition: int, event: Any) -> None:
+        """The first record of an anomalies partition in this worker: what was sent already (see
+        the module doc), and what the outbox holds that was not."""
+        pending = list(outbox.get(str(partition)) or [])
+        first = int((event.message.timestamp or time.time()) * 1000)
+        since = min([first] + [int(n.get("emitted_at") or first) for n in pending]) - LOOKBACK_MS
+        ids: dict[str, None] = {}
+        try:
+            for r in await read_since(settings.kafka.bootstrap_servers, settings.topics.alerts, since, timeout=60.0,
+                                      client=settings.kafka_client()):
+                try:
+                    ids[str(orjson.loads(r.value)["alert_id"])] = None
+                except Exception:
+                    continue  # not one of ours
+        except Exception as exc:  # sending twice is better than not at all
+            log.error("soundcheck.alerting: could not read what %s holds (%s: %s); partition %s may repeat a notification",
+                      settings.topics.alerts, type(exc).__name__, exc, partition)
+        sent_ids[partition] = ids
+        if pending:
+            unsent = [n for n in pending if n.get("alert_id") not in ids]
+            log.warning("soundcheck.alerting: partition %s: %d notifications were being sent when its last owner stopped; "
+                        "%d had reached %s, sending the other %d", partition, len(pending), len(pending) - len(unsent),
+                        settings.topics.alerts, len(unsent))
+            await send(partition, pending)
+
+    async def on_revoked(sender: Any, revoked: set, **kwargs: Any) -> None:
+        for tp in revoked:
+            if tp.topic == settings.topics.anomalies:
+                sent_ids.pop(tp.partition, None)  # taken on again, should it come back
+
+    app.on_partitions_revoked.connect(on_revoked)
+
+    async def send(partition: int, notes: list[dict[str, Any]]) -> None:
+        sent = sent_ids.setdefault(partition, {})
+        notes = [n for n in notes if n["alert_id"] not in sent]
         if notes:
             # the table changes behind these notifications (group sent, alert marked sent, clock
-            # moved) sit in Faust's producer buffer (changelogs go by send_soon) while topic.send()
-            # goes out at once: put them on the broker first, or a worker killed right after
-            # sending restores the state from before and sends the same notifications again
+            # moved) and the notifications themselves (the outbox) go to the broker first; Faust
+            # sends changelogs with send_soon, topic.send() goes out at once
+            outbox[str(partition)] = notes
             await app.producer.flush()
-        for n in notes:
-            m.alerts.labels(severity=n["severity"]).inc()
-            await alerts_topic.send(key=n["fingerprint"].encode(), value=orjson.dumps(n))
+            for n in notes:
+                m.alerts.labels(severity=n["severity"]).inc()
+                await alerts_topic.send(key=n["fingerprint"].encode(), value=orjson.dumps(n))
+            await app.producer.flush()  # acknowledged
+            for n in notes:
+                sent[n["alert_id"]] = None
+            while len(sent) > MAX_SENT_IDS:
+                del sent[next(iter(sent))]
+            outbox[str(partition)] = None
         decided_at = int(time.time() * 1000)
         for d in engine.drain_decisions():  # the decision log (soundcheck why FINGERPRINT reads it)
             m.decisions.labels(decision=d["decision"]).inc()
@@ -91,13 +157,12 @@ def register(app: faust.App, ctx: Any) -> None:
 
     def on_tick(partition: int, doc: dict[str, Any]) -> list[dict[str, Any]]:
         """The clock of this anomalies partition: the slowest (stream, stage-2 partition) tick, once
-        every stage-2 partition has ticked (each sends its anomalies before its ticks, so every
+        every stage-2 partition has ticked (:func:`all_ticked`) (each sends its anomalies before its ticks, so every
         anomaly up to the clock is here); a source silent for a minute of wall time stops counting."""
         wall = time.time()
         sources = clocks.setdefault(partition, {})
         sources[(str(doc["tick"]), int(doc.get("source", -1)))] = (int(doc["event_time"]), wall)
-        n_sources = len({src for _, src in sources})
-        if n_sources < stage2_partitions() and wall - first_tick.setdefault(partition, wall) < STREAM_SILENT_S:
+        if not all_ticked(sources) and wall - first_tick.setdefault(partition, wall) < STREAM_SILENT_S:
             return []
         live = [t for t, seen in sources.values() if wall - seen < STREAM_SILENT_S]
         now = min(live) if live else int(doc["event_time"])
@@ -111,14 +176,20 @@ def register(app: faust.App, ctx: Any) -> None:
 
     async def alerting(stream: faust.StreamT) -> None:
         async for event in stream.events():
+            partition = event.message.partition
+            if partition not in sent_ids:
+                try:
+                    await take_on(partition, event)
+                except Exception:  # its outbox stays for the next owner; this record is still handled
+                    log.exception("soundcheck.alerting: taking partition %s on failed", partition)
             try:
                 doc = orjson.loads(event.value)
                 if "tick" in doc:
-                    notes = on_tick(event.message.partition, doc)
+                    notes = on_tick(partition, doc)
                 else:
                     m.anomalies_handled.inc()
                     notes = engine.on_anomaly(Anomaly.from_json(doc), int(time.time() * 1000))
-                await send(notes)
+                await send(partition, notes)
             except Exception as exc:  # never fatal: the record goes to the dead letters
                 log.exception("agent soundcheck.alerting: record at offset %s failed", event.message.offset)
                 key, value = dead_letter(event, Rejection("processing_error", f"soundcheck.alerting: {type(exc).__name__}: {exc}"), "anomalies")

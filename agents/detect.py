@@ -142,12 +142,11 @@ def register(app: faust.App, ctx: Any) -> None:
         for a in anomalies:
             m.anomalies.labels(detector=a.detector).inc()
             await anomalies_topic.send(key=(a.scope or a.region).encode(), value=a.to_json())
-        if not isinstance(unit, dict):
-            return
         # event-time ticks for the alerting clock, once per window, to every anomalies partition and
         # after this partition's anomalies: an alerting agent whose clock is the slowest of all
-        # stage-2 partitions has every anomaly up to it, whatever the interleaving
-        for stream, st in unit.items():
+        # stage-2 partitions and streams (the fraud stage is one) has every anomaly up to it,
+        # whatever the interleaving
+        for stream, st in (unit.items() if isinstance(unit, dict) else [("fraud", unit)]):
             # what this stream's detectors have evaluated (and sent the anomalies of), not its
             # progress watermark: that one moves on wall time too (an input partition idle for
             # IDLE_PARTITION_S), and a tick sent past windows not yet evaluated lets the alerting

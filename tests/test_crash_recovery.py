@@ -301,10 +301,6 @@ def test_a_replacement_processes_again_within_30_s_of_a_kill_9_half_way(clean_ru
     assert crash_run["resume_s"] < RESUME_LIMIT_S
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "known defect, issue 9 stays open: in some runs a kill -9 during a burst of notifications loses one "
-    "(the tables are flushed before the send is acknowledged) or a fraud alert resolves and fires again "
-    "(the alerting clock does not wait for the fraud stage); the test prints what differs"))
 def test_a_crash_neither_creates_nor_loses_a_notification(clean_run, crash_run):
     clean, crash = _summary(clean_run["notes"]), _summary(crash_run["notes"])
     assert clean, "the clean run sent no notification: nothing to compare"
@@ -316,10 +312,6 @@ def test_a_crash_neither_creates_nor_loses_a_notification(clean_run, crash_run):
     )
 
 
-@pytest.mark.xfail(strict=False, reason=(
-    "known defect, issue 9 stays open: in some runs a kill -9 during a burst of notifications loses one "
-    "(the tables are flushed before the send is acknowledged) or a fraud alert resolves and fires again "
-    "(the alerting clock does not wait for the fraud stage); the test prints what differs"))
 def test_a_crash_changes_no_notification(clean_run, crash_run):
     """Stronger: the same notifications field by field (their id and send time aside), in the
     same order per fingerprint."""

@@ -60,5 +60,8 @@ def test_every_anomaly_and_tick_matches_its_schema(run):
     for a in pipe.anomalies:
         validator.validate(orjson.loads(a.to_json()))
     validator.validate({"tick": "audio", "event_time": T0})
+    validator.validate({"tick": "fraud", "source": 2, "event_time": T0})  # the fraud stage ticks too
     with pytest.raises(jsonschema.ValidationError):
         validator.validate({"tick": "audio"})
+    with pytest.raises(jsonschema.ValidationError):
+        validator.validate({"tick": "payments", "event_time": T0})

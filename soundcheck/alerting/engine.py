@@ -44,6 +44,22 @@ def _order(doc: Mapping[str, Any]) -> tuple:
 MAX_HELD = 200  # held-back fingerprints remembered per scope
 MAX_PENDING = 100  # alerts waiting in one group
 MAX_UNDRAINED = 100_000  # decisions kept when nobody drains them
+_ALERT_IDS = uuid.UUID("0d5e0b6a-3c1f-5b7e-9a43-5f0c1d2e8b71")  # the namespace of notification ids
+
+
+def notification_id(alert: Mapping[str, Any], now: int) -> str:
+    """A notification's ``alert_id``: a name-based UUID of what was decided (fingerprint, status,
+    kind of notification, severity, occurrences, event time of the decision). The same decision
+    taken again -- a worker replaying its input after a crash -- gets the same id, so the worker
+    (and any receiver) recognises a notification already sent; different decisions get different
+    ids.
+
+    >>> a = {"fingerprint": "f1", "status": "firing", "notification": "new", "severity": "major", "occurrences": 3}
+    >>> notification_id(a, 60_000) == notification_id(dict(a), 60_000), notification_id(a, 60_000) == notification_id(a, 70_000)
+    (True, False)
+    """
+    key = "|".join(str(alert.get(k)) for k in ("fingerprint", "status", "notification", "severity", "occurrences"))
+    return str(uuid.uuid5(_ALERT_IDS, f"{key}|{int(now)}"))
 
 
 class AlertEngine:
@@ -239,7 +255,7 @@ class AlertEngine:
             silenced = bool(held) and str(held.get("by", "")).startswith("silence:")
             # only what was sent is resolved; a silenced one too (the pager closes its incident) if so configured
             if state.get("last_alert") and state.get("sent") and (not held or (silenced and self.send_resolved_when_silenced)):
-                out.append(self._resolved(state, last, emitted_at))
+                out.append(self._resolved(state, last, now, emitted_at))
                 self.stats["resolved"] += 1
                 self._decide("resolved", fp, now, state.get("last_alert"), ends_at=last, notified=True,
                              while_held_by=held.get("by") if held else None)
@@ -258,7 +274,8 @@ class AlertEngine:
             state["sent"] = True
             self.dedup[fp] = state
             alert = {**state["last_alert"], "notification": "released", "emitted_at": emitted_at,
-                     "released_from": {**hold, "released_at": now}, "alert_id": str(uuid.uuid4())}
+                     "released_from": {**hold, "released_at": now}}
+            alert["alert_id"] = notification_id(alert, now)
             out.append(alert)
             self.stats["released"] += 1
             self._decide("released", fp, now, alert, held_by=hold.get("by"), since=hold.get("since"))
@@ -315,7 +332,7 @@ class AlertEngine:
                 self.dedup[fp] = sent
             alert["group"] = {"incident_id": inc, "size": len(batch)}
             alert["emitted_at"] = emitted_at
-            alert["alert_id"] = str(uuid.uuid4())
+            alert["alert_id"] = notification_id(alert, now)
             out.append(alert)
             self._decide("notified", fp, now, alert, incident_id=inc, group_size=len(batch),
                          notification=alert.get("notification"), alert_id=alert["alert_id"])
@@ -326,7 +343,7 @@ class AlertEngine:
         if fp in held or len(held) < MAX_HELD:
             held.setdefault(fp, {"by": by, "since": now})
 
-    def _resolved(self, state: Mapping[str, Any], ends_at: int, emitted_at: int) -> dict[str, Any]:
+    def _resolved(self, state: Mapping[str, Any], ends_at: int, now: int, emitted_at: int) -> dict[str, Any]:
         alert = dict(state["last_alert"])
         alert.update({
             "status": "resolved",
@@ -335,8 +352,8 @@ class AlertEngine:
             "last_seen": state["last_seen"],
             "occurrences": state["occurrences"],
             "emitted_at": emitted_at,
-            "alert_id": str(uuid.uuid4()),
             "title": alert["title"].replace("] ", "] resolved: ", 1),
         })
         alert.pop("group", None)
+        alert["alert_id"] = notification_id(alert, now)
         return alert

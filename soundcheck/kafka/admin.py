@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Mapping, Optional
+from typing import Any, AsyncIterator, Mapping, Optional
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import TopicAlreadyExistsError
@@ -25,7 +25,7 @@ def snapshot_topic(settings: Settings) -> str:
     return settings.kafka.app_id + SNAPSHOT_SUFFIX
 
 
-TABLES = ("soundcheck-dedup", "soundcheck-incidents", "soundcheck-control")  # the worker's Faust tables
+TABLES = ("soundcheck-dedup", "soundcheck-incidents", "soundcheck-control", "soundcheck-outbox")  # the worker's Faust tables
 
 
 def changelog_topics(settings: Settings) -> list[str]:
@@ -124,31 +124,66 @@ async def read_latest(
     )
     await consumer.start()
     try:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
         tps = [TopicPartition(topic, p) for p in sorted(parts)]
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
-        end = await consumer.end_offsets(tps)
         out: dict[bytes, bytes] = {}
-        pending = {tp for tp in tps if end[tp] > 0}
-        while pending:
-            for tp in list(pending):
-                if await consumer.position(tp) >= end[tp]:
-                    pending.discard(tp)
-            if not pending:
-                break
-            if loop.time() > deadline:
-                raise TimeoutError(f"{topic} was not read to its end within {timeout} s")
-            batch = await consumer.getmany(*pending, timeout_ms=200)
-            for records in batch.values():
-                for r in records:
-                    if r.offset >= end[TopicPartition(r.topic, r.partition)] or (keys is not None and r.key not in keys):
-                        continue
-                    if r.value is None:
-                        out.pop(r.key, None)
-                    else:
-                        out[r.key] = r.value
+        async for r in _to_end(consumer, tps, topic, timeout):
+            if keys is not None and r.key not in keys:
+                continue
+            if r.value is None:
+                out.pop(r.key, None)
+            else:
+                out[r.key] = r.value
         return out
+    finally:
+        await consumer.stop()
+
+
+async def _to_end(consumer: Any, tps: list, topic: str, timeout: float) -> AsyncIterator[Any]:
+    """The records of ``tps`` from the consumer's positions to the end offsets as of the call.
+    Raises ``TimeoutError`` when the end is not reached within ``timeout`` s."""
+    from aiokafka import TopicPartition
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    end = await consumer.end_offsets(tps)
+    pending = {tp for tp in tps if end[tp] > 0}
+    while pending:
+        for tp in list(pending):
+            if await consumer.position(tp) >= end[tp]:
+                pending.discard(tp)
+        if not pending:
+            break
+        if loop.time() > deadline:
+            raise TimeoutError(f"{topic} was not read to its end within {timeout} s")
+        batch = await consumer.getmany(*pending, timeout_ms=200)
+        for records in batch.values():
+            for r in records:
+                if r.offset < end[TopicPartition(r.topic, r.partition)]:
+                    yield r
+
+
+async def read_since(
+    bootstrap: str, topic: str, since_ms: int, timeout: float = 60.0, client: Optional[Mapping[str, Any]] = None,
+) -> list[Any]:
+    """The records of every partition of ``topic`` with a broker timestamp at or after
+    ``since_ms`` (epoch ms), up to the end offsets at the time of the call."""
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    parts = await topic_partitions(bootstrap, topic, timeout, client)
+    if not parts:
+        return []
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
+                                request_timeout_ms=int(max(timeout, 30) * 1000), **(client or {}))
+    await consumer.start()
+    try:
+        tps = [TopicPartition(topic, p) for p in parts]
+        consumer.assign(tps)
+        found = await consumer.offsets_for_times({tp: max(0, int(since_ms)) for tp in tps})
+        end = await consumer.end_offsets(tps)
+        for tp in tps:
+            consumer.seek(tp, found[tp].offset if found.get(tp) is not None else end[tp])
+        return [r async for r in _to_end(consumer, tps, topic, timeout)]
     finally:
         await consumer.stop()
