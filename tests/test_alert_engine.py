@@ -196,3 +196,34 @@ def test_an_expired_silence_is_expired_even_before_it_would_have_started():
     s = {"id": "later", "matchers": {"region": "BR"}, "starts_at": 1_000, "ends_at": 2_000, "expired_at": 500}
     assert silences.state(s, 600) == "expired"
     assert not silences.silence_matches(s, {"entity": {"region": "BR"}}, 1_500)
+
+
+def test_a_copy_of_an_anomaly_sent_again_after_a_restart_is_counted_once(settings):
+    """A stage 2 that restarted sends its last windows' anomalies again, and a copy may differ
+    in its score or values: one finding per fingerprint and window, whether the copy comes while
+    the first waits for its tick or just after it was taken."""
+    def occurrences(copies):
+        engine = AlertEngine(settings, ServiceGraph(settings.services), {}, {}, {})
+        out = []
+        for t in range(0, 100, 10):
+            out += engine.on_anomaly(anomaly(t * S, value=0.08), t * S - 5 * S)
+            for _ in range(copies):  # the copy, with another value
+                out += engine.on_anomaly(anomaly(t * S, value=0.09), t * S - 5 * S)
+            out += engine.on_tick("BR", t * S, t * S)
+            for _ in range(copies):  # and one after its tick
+                out += engine.on_anomaly(anomaly(t * S, value=0.07), t * S)
+        return next(iter(engine.dedup.values()))["occurrences"], [n["notification"] for n in out]
+
+    assert occurrences(1) == occurrences(0) == (10, ["new"])
+
+
+def test_a_notification_id_names_its_decision(settings):
+    """The same decision taken again (a replay) gives the same alert_id; another decision another."""
+    def ids():
+        engine = AlertEngine(settings, ServiceGraph(settings.services), {}, {}, {})
+        out = run(engine, [(t * S, anomaly(t * S)) for t in range(0, 100, 10)] + [(t * S, None) for t in range(100, 300, 10)])
+        return [n["alert_id"] for n in out]
+
+    first = ids()
+    assert len(first) == 2 and len(set(first)) == 2  # new, resolved
+    assert ids() == first

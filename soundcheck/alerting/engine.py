@@ -41,6 +41,12 @@ def _order(doc: Mapping[str, Any]) -> tuple:
     return (doc["event_time"], doc["detector"], doc["kind"], sorted(doc["entity"].items()), doc["window_start"])
 
 
+def _identity(doc: Mapping[str, Any]) -> tuple:
+    """What makes two anomalies one: the same fingerprint's finding on the same window (a copy
+    sent again after a restart may differ in its score or details)."""
+    return (doc["kind"], doc["detector"], sorted(doc["entity"].items()), doc["event_time"])
+
+
 MAX_HELD = 200  # held-back fingerprints remembered per scope
 MAX_PENDING = 100  # alerts waiting in one group
 MAX_UNDRAINED = 100_000  # decisions kept when nobody drains them
@@ -124,8 +130,9 @@ class AlertEngine:
         if self._taken(anomaly):
             return []  # read again after a restart: the tables already hold it (they run ahead of the committed offset)
         doc = orjson.loads(anomaly.to_json())
-        if doc in st.get("inbox", []):
-            return []  # the same, still waiting for its tick
+        key = _identity(doc)
+        if any(_identity(a) == key for a in st.get("inbox", [])):
+            return []  # the same (its fingerprint's finding on the same window), still waiting for its tick
         if anomaly.event_time <= st.get("now", -(2**62)):
             out = self._take(anomaly, scope, st, emitted_at)
         else:
@@ -150,7 +157,10 @@ class AlertEngine:
             if doc["event_time"] > st.get("now", 0):
                 st["now"] = doc["event_time"]
                 out += self._advance(scope, st, emitted_at)
-            out += self._take(Anomaly.from_json(doc), scope, st, emitted_at)
+            anomaly = Anomaly.from_json(doc)
+            if self._taken(anomaly):
+                continue  # a second copy of one taken just before (sent again by a stage 2 that restarted)
+            out += self._take(anomaly, scope, st, emitted_at)
         st["now"] = event_time
         out += self._advance(scope, st, emitted_at)
         self.scopes[scope] = st
