@@ -132,7 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
     en.add_argument("--profiles", help="NAB scoring profiles JSON (default: the standard NAB weights)")
     en.set_defaults(func=lambda a: __import__("soundcheck.evaluation.nab", fromlist=["cli_main"]).cli_main(a))
     es = esub.add_parser("scenarios", help="run the simulator's scenarios through detection and alerting, no broker")
-    es.add_argument("--seeds", default="1,2,3", help="comma-separated simulator seeds (default 1,2,3)")
+    es.add_argument("--seeds", default="1,2,3", help="simulator seeds: 1,2,3 or 100-119 (default 1,2,3); tune on 1-10, report on 100-119")
+    es.add_argument("--world", choices=("default", "random"), default="default",
+                    help="default: the simulator's fixed world; random: markets, rates, noise, keying and magnitudes drawn per seed")
+    es.add_argument("--quiet-days", action="store_true", help="also run each seed's world for --quiet-duration with no incident")
+    es.add_argument("--quiet-duration", type=int, default=3600, help="seconds of event time per quiet day (default 3600)")
     es.add_argument("--rate", type=float, default=150.0)
     es.add_argument("--duration", type=int, default=900)
     es.add_argument("--magnitude", type=float, default=1.0)

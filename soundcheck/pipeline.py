@@ -33,7 +33,7 @@ from soundcheck.settings import Settings
 
 MAX_INTERNAL_BYTES = 512 * 1024  # an internal message (the internal topics keep the broker's 1 MB default limit)
 PROGRESS_SKEW_MS = 5_000  # a partition's event-time progress never runs ahead of the wall clock by more
-KEYINGS = ("natural", "user", "random")
+KEYINGS = ("natural", "user", "session", "random")
 
 
 def publish(anomaly: Anomaly, settings: Settings) -> None:
@@ -294,6 +294,10 @@ def route_key(stream: str, record: dict[str, Any], batch_key: str, keying: str) 
         if not isinstance(record, dict):
             return batch_key
         return record.get("user_id") or record.get("service") or batch_key
+    if keying == "session":
+        if not isinstance(record, dict):
+            return batch_key
+        return record.get("session_id") or record.get("instance") or batch_key
     return None
 
 

@@ -14,6 +14,12 @@ each seed it reports, per scenario and overall:
 
 Goals (from the issue): recall >= 0.95, precision >= 0.9, median delay < 30 s, no page during
 the benign surge, at most two notifications for the flapping metric.
+
+``--world random`` draws a different world per seed (:class:`~soundcheck.evaluation.world.World`:
+markets and their sizes, base rates, noise, daily curve, producer keying and batching, incident
+magnitudes), read through 3 input partitions. Tune on seeds 1-10, report on 100-119.
+``--quiet-days`` adds, per seed, an hour of the same world with no incident at all: every
+notification there is false (goal: at most one an hour, no P0/P1).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from soundcheck.evaluation.score import alerting_quality, evaluate
 from soundcheck.pipeline import OfflinePipeline, run_simulation
 from soundcheck.settings import Settings, load_settings
 from soundcheck.evaluation.simulator import Simulator, encode
+from soundcheck.evaluation.world import World
 
 GOALS = {"recall": 0.95, "precision": 0.9, "median_delay_s": 30.0, "benign_pages": 0, "flapping_notifications": 2,
          "compression": 0.9, "grouping_purity": 0.95, "root_cause_accuracy": 0.9}
@@ -59,20 +66,38 @@ def score_run(alerts: list[dict[str, Any]], truth: Mapping[str, Any], settings: 
     }
 
 
+def world_of(kind: str, seed: int) -> Optional[World]:
+    """The world of ``seed``: None (the simulator's default) or a random one."""
+    if kind not in ("default", "random"):
+        raise ValueError(f"world {kind!r}: expected 'default' or 'random'")
+    return World.random(seed) if kind == "random" else None
+
+
+def run_world(settings: Settings, sim: Simulator) -> OfflinePipeline:
+    """``sim`` through the offline pipeline as its world's producers would send it (the default
+    world: one partition, natural keys, 50 records a message; a random one: 3 partitions)."""
+    w = sim.world
+    if w.seed is None:
+        return run_offline(settings, sim)
+    return run_simulation(settings, sim, partitions=3, keying=w.keying, per_message=w.per_message, seed=w.seed)
+
+
 def evaluate_seeds(
     settings: Settings, seeds: Iterable[int], *, rate: float = 150.0, duration_s: int = 900, magnitude: float = 1.0,
-    progress: Optional[Any] = None,
+    progress: Optional[Any] = None, world: str = "default",
 ) -> dict[str, Any]:
     runs = []
     rows = 0
     started = time.perf_counter()
     for seed in seeds:
-        sim = Simulator(seed=seed, rate=rate, duration_s=duration_s, start_ms=START_MS, magnitude=magnitude)
-        pipe = run_offline(settings, sim)
+        sim = Simulator(seed=seed, rate=rate, duration_s=duration_s, start_ms=START_MS, magnitude=magnitude,
+                        world=world_of(world, seed))
+        pipe = run_world(settings, sim)
         rows += sum(pipe.events_in.values())
         r = score_run(pipe.alerts, sim.ground_truth(), settings)
         r["alerting"] = alerting_quality(pipe.alerts, len(pipe.anomalies), sim.ground_truth(), settings)
         r["seed"] = seed
+        r["world"] = sim.world.describe()
         runs.append(r)
         if progress:
             progress(f"eval scenarios: seed {seed}: recall {r['recall']:.2f}, precision {r['precision']:.2f}, "
@@ -93,6 +118,72 @@ def evaluate_seeds(
         "notifications_per_incident": statistics.mean(r["alerting"]["mean_notifications_per_incident"] for r in runs),
     }
     return {"runs": runs, "total": total, "goals": GOALS, "met": met(total)}
+
+
+QUIET_GOALS = {"per_hour": 1.0, "pages": 0}
+
+
+def quiet_days(
+    settings: Settings, seeds: Iterable[int], *, rate: float = 150.0, duration_s: int = 3600, world: str = "random",
+    progress: Optional[Any] = None,
+) -> dict[str, Any]:
+    """Per seed, ``duration_s`` of its world with no incident (starting at an hour of the day that
+    varies with the seed, so the daily curve is rising, falling or at its peak): every firing
+    notification is false."""
+    runs = []
+    for seed in seeds:
+        start = START_MS + (seed * 7 % 24) * 3_600_000
+        sim = Simulator(seed=seed, rate=rate, duration_s=duration_s, start_ms=start, plan=(), world=world_of(world, seed))
+        pipe = run_world(settings, sim)
+        firing = [a for a in pipe.alerts if a["status"] == "firing" and a["severity"] != "info"]
+        hours = duration_s / 3600
+        kinds: dict[str, int] = {}
+        for a in firing:
+            metric = (a.get("signals") or [{}])[0].get("metric", "")
+            label = f"{a['kind']}:{metric}" if metric else a["kind"]
+            kinds[label] = kinds.get(label, 0) + 1
+        r = {"seed": seed, "hours": hours, "notifications": len(firing), "per_hour": len(firing) / hours,
+             "pages": sum(1 for a in firing if a["priority"] in ("P0", "P1")), "kinds": kinds,
+             "world": sim.world.describe()}
+        runs.append(r)
+        if progress:
+            progress(f"eval quiet day: seed {seed}: {r['per_hour']:.1f} notifications an hour, {r['pages']} P0/P1")
+    hours = sum(r["hours"] for r in runs)
+    total = {"hours": hours, "per_hour": sum(r["notifications"] for r in runs) / hours if hours else 0.0,
+             "worst_per_hour": max((r["per_hour"] for r in runs), default=0.0), "pages": sum(r["pages"] for r in runs)}
+    met_ = {"per_hour": total["per_hour"] <= QUIET_GOALS["per_hour"], "pages": total["pages"] <= QUIET_GOALS["pages"]}
+    return {"runs": runs, "total": total, "goals": QUIET_GOALS, "met": met_}
+
+
+def format_quiet(rep: Mapping[str, Any]) -> str:
+    lines = ["quiet days (no incident: every notification is false)"]
+    for r in rep["runs"]:
+        top = ", ".join(f"{k} x{n}" for k, n in sorted(r["kinds"].items(), key=lambda x: -x[1])[:3])
+        lines.append(f"  seed {r['seed']:<4} {r['per_hour']:6.1f} an hour  {r['pages']} P0/P1  {top}")
+    t, ok = rep["total"], rep["met"]
+    lines += [
+        f"false notifications    {t['per_hour']:.2f} an hour over {t['hours']:.1f} h (worst seed {t['worst_per_hour']:.1f})"
+        f"   (goal <= {QUIET_GOALS['per_hour']:.0f})  {'ok' if ok['per_hour'] else 'MISSED GOAL'}",
+        f"P0/P1 on quiet days    {t['pages']}       (goal 0)  {'ok' if ok['pages'] else 'MISSED GOAL'}",
+    ]
+    return "\n".join(lines)
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``1,2,3`` or ``100-119`` or a mix: ``1-3,7``."""
+    out: list[int] = []
+    for part in str(text).split(","):
+        part = part.strip()
+        if not part:
+            continue
+        lo, sep, hi = part.partition("-")
+        try:
+            out += list(range(int(lo), int(hi) + 1)) if sep else [int(part)]
+        except ValueError:
+            raise ValueError(f"seeds {text!r}: expected numbers and ranges such as 1,2,3 or 100-119") from None
+    if not out:
+        raise ValueError(f"seeds {text!r}: no seed")
+    return out
 
 
 def _mean(values: list[Optional[float]]) -> Optional[float]:
@@ -149,11 +240,25 @@ def format_report(rep: Mapping[str, Any]) -> str:
 
 def cli_main(args: Any) -> int:
     settings = load_settings(getattr(args, "env", None))
-    seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
+    try:
+        seeds = parse_seeds(args.seeds)
+    except ValueError as exc:
+        print(f"soundcheck eval scenarios: {exc}", file=sys.stderr)
+        return 2
+    world = getattr(args, "world", "default")
+    progress = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     rep = evaluate_seeds(settings, seeds, rate=args.rate, duration_s=args.duration, magnitude=args.magnitude,
-                         progress=lambda line: print(line, file=sys.stderr, flush=True))
+                         progress=progress, world=world)
+    print(f"world: {world}; seeds {args.seeds}")
     print(format_report(rep))
+    ok = all(rep["met"].values())
+    if getattr(args, "quiet_days", False):
+        quiet = quiet_days(settings, seeds, rate=args.rate, duration_s=args.quiet_duration, world=world, progress=progress)
+        rep["quiet_days"] = quiet
+        print()
+        print(format_quiet(quiet))
+        ok = ok and all(quiet["met"].values())
     if args.json:
         with open(args.json, "wb") as f:
             f.write(orjson.dumps(rep, option=orjson.OPT_INDENT_2))
-    return 0 if all(rep["met"].values()) else 1
+    return 0 if ok else 1

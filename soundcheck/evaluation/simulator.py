@@ -1,6 +1,7 @@
 """Realistic traffic for the three topics, with named incidents injected at known times.
 
-Everything runs on a simulated event-time clock (``start_ms`` onwards, one tick per second), so
+The world (markets, base rates, noise, producers) is :class:`~soundcheck.evaluation.world.World`:
+a fixed default, or a random one per seed. Everything runs on a simulated event-time clock (``start_ms`` onwards, one tick per second), so
 a run is reproducible from its seed and can be replayed at any speed. The generator is pure;
 :func:`produce` (in :mod:`soundcheck.simulate_cli`) writes it to Kafka.
 
@@ -34,7 +35,9 @@ from typing import Any, Iterator, Optional
 
 import orjson
 
-REGIONS = {"US": 0.32, "BR": 0.18, "GB": 0.14, "DE": 0.14, "JP": 0.12, "MX": 0.10}
+from soundcheck.evaluation.world import World
+
+REGIONS = World.default().markets  # the default world's markets and their shares
 DEVICES = {"ios": 0.3, "android": 0.35, "web": 0.1, "desktop": 0.12, "car": 0.05, "speaker": 0.08}
 NETWORKS = {"wifi": 0.6, "cellular": 0.35, "ethernet": 0.05}
 SEGMENTS = {"premium": 0.45, "family": 0.1, "student": 0.05, "free": 0.4}
@@ -50,11 +53,7 @@ SERVICES = {  # nominal p95 latency (ms), error rate, requests/s per instance
     "ad_server": (80, 0.004, 500),
     "content_catalog": (50, 0.001, 700),
 }
-BEHAVIOR = {  # event type -> weight, for an ordinary listener
-    "play_start": 0.34, "play_complete": 0.0, "skip": 0.0, "search": 0.08, "add_to_playlist": 0.04,
-    "login": 0.05, "logout": 0.02, "payment_attempt": 0.07, "subscription_upgrade": 0.004,
-    "subscription_cancel": 0.002, "app_crash": 0.0, "ad_impression": 0.06, "ad_failure": 0.0,
-}
+BEHAVIOR = World.default().behavior  # event type -> weight, for an ordinary listener (the default world)
 CITY = {"US": ["iad", "ord", "sjc"], "BR": ["gru", "gig", "poa"], "GB": ["lhr", "man", "edi"],
         "DE": ["fra", "ber", "muc"], "JP": ["nrt", "kix", "fuk"], "MX": ["mex", "gdl", "mty"]}
 
@@ -114,8 +113,15 @@ class Simulator:
         start_ms: Optional[int] = None,
         plan: tuple = DEFAULT_PLAN,
         magnitude: float = 1.0,
-        users_per_region: int = 3000,
+        users_per_region: Optional[int] = None,
+        world: Optional[World] = None,
     ) -> None:
+        """``world``: markets, base rates, noise and producers (:class:`World`; default: the
+        fixed :meth:`World.default`). ``magnitude`` scales every incident (times the world's
+        per-scenario magnitude)."""
+        self.world = w = world if world is not None else World.default()
+        self.regions = w.markets
+        users_per_region = users_per_region if users_per_region is not None else w.users_per_market
         self.seed = seed
         self.rng = random.Random(seed)
         self.rate = rate
@@ -124,10 +130,10 @@ class Simulator:
         self.magnitude = magnitude
         tag = uuid.UUID(int=random.Random(seed * 7919).getrandbits(128)).hex[:4]
         self.tag = tag
-        self.pops = {r: [f"{r.lower()}-{c}{self.rng.randint(1, 9)}" for c in CITY[r]] for r in REGIONS}
+        self.pops = {r: [f"{r.lower()}-{c}{self.rng.randint(1, 9)}" for c in CITY.get(r, ("a", "b", "c"))] for r in self.regions}
         self.users: dict[str, list[tuple[str, str, str]]] = {}
-        for r in REGIONS:
-            n = max(20, int(users_per_region * REGIONS[r] / max(REGIONS.values())))
+        for r in self.regions:
+            n = max(20, int(users_per_region * self.regions[r] / max(self.regions.values())))
             self.users[r] = [
                 (f"u-{tag}-{r.lower()}{i:05d}", _pick(self.rng, SEGMENTS), f"dev-{tag}-{r.lower()}{i:05d}") for i in range(n)
             ]
@@ -137,6 +143,7 @@ class Simulator:
             for r, us in self.users.items()
         }
         self.artists = [f"ar-{tag}-{i:04d}" for i in range(300)]
+        self.mags = w.magnitudes([p[0] for p in plan])
         self.scenarios = self._place(plan)
         self.produced: dict[str, int] = {"audio": 0, "behavior": 0, "system": 0}
         self.malformed = 0
@@ -146,9 +153,11 @@ class Simulator:
 
     def _place(self, plan: tuple) -> list[Injected]:
         rng = random.Random(self.seed * 31 + 1)
-        regions = list(REGIONS)
+        regions = list(self.regions)
         rng.shuffle(regions)
-        big = sorted(REGIONS, key=REGIONS.get, reverse=True)[:2]
+        while len(regions) < 6:  # a world of few markets: some incidents share one
+            regions += regions[: 6 - len(regions)]
+        big = sorted(self.regions, key=self.regions.get, reverse=True)[:2]
         out: list[Injected] = []
         for name, start, dur in plan:
             s, e = self.start_ms + start * 1000, self.start_ms + (start + dur) * 1000
@@ -173,7 +182,7 @@ class Simulator:
                 out.append(Injected(name, s, e, r, [{"service": svc, "region": r}], svc, "P1", details={"service": svc}))
             elif name == "benign_surge":
                 # a big market, but not one where another incident could be running at the same time
-                busy = {regions[3], regions[4]}
+                busy = {regions[3], regions[4]} if len(set(regions)) > 2 else set()
                 r = rng.choice([x for x in big if x not in busy] or [x for x in regions if x not in busy])
                 out.append(Injected(name, s, e, r, [], None, None, must_not_page=True))
             elif name == "flapping_metric":
@@ -190,7 +199,12 @@ class Simulator:
                 out.append(Injected(name, s, e, "", [], details={"per_second": 3}))
             else:
                 raise ValueError(f"unknown scenario {name!r}")
+            out[-1].details["magnitude"] = round(self._m(name), 3)
         return out
+
+    def _m(self, name: str) -> float:
+        """How strong the scenario ``name`` is in this run."""
+        return self.magnitude * self.mags.get(name, 1.0)
 
     def active(self, name: str, t_ms: int) -> Optional[Injected]:
         for sc in self.scenarios:
@@ -227,21 +241,22 @@ class Simulator:
         rng = self.rng
         surge = self.active("benign_surge", t)
         audio: dict[str, list] = {}
-        n_audio = self._count(self.rate * 0.55)
+        volume = self.world.volume(t)
+        n_audio = self._count(self.rate * 0.55 * volume)
         for _ in range(n_audio):
-            region = _pick(rng, REGIONS)
+            region = _pick(rng, self.regions)
             audio.setdefault(region, []).append(self._audio(t + rng.randrange(1000), region))
         if surge:  # tripled traffic in the surge region
-            for _ in range(int(n_audio * REGIONS[surge.region] * 2)):
+            for _ in range(int(n_audio * self.regions[surge.region] * 2)):
                 audio.setdefault(surge.region, []).append(self._audio(t + rng.randrange(1000), surge.region))
         for region, recs in audio.items():
             self.produced["audio"] += len(recs)
             yield Batch("audio", region, recs)
 
         behavior: dict[str, list] = {}
-        n_beh = self._count(self.rate * 0.40)
+        n_beh = self._count(self.rate * 0.40 * volume)
         for _ in range(n_beh):
-            region = _pick(rng, REGIONS)
+            region = _pick(rng, self.regions)
             reps = 3 if surge and region == surge.region else 1
             for rep in range(reps):
                 for rec in self._behavior(t + rng.randrange(1000), region, surge_crowd=rep > 0):
@@ -257,7 +272,7 @@ class Simulator:
         if (t - self.start_ms) % 10_000 == 0:
             system: dict[str, list] = {}
             for svc in SERVICES:
-                for region in REGIONS:
+                for region in self.regions:
                     for inst in range(2):
                         system.setdefault(svc, []).append(self._system(t + inst * 37, svc, region, inst))
             for svc, recs in system.items():
@@ -273,14 +288,15 @@ class Simulator:
         user, segment, _dev = rng.choice(self.users[region])
         pop = rng.choice(self.pops[region])
         requested = 160 if segment == "free" else 320
-        bitrate = requested * (1 - abs(rng.gauss(0, 0.02)))
-        latency = rng.lognormvariate(math.log(45 + 10 * (region in ("JP", "BR"))), 0.25)
-        buffering = 0.0 if rng.random() < 0.85 else rng.uniform(0, 0.02)
+        w = self.world
+        bitrate = requested * (1 - abs(rng.gauss(0, w.bitrate_noise)))
+        latency = rng.lognormvariate(math.log(w.latency(region)), w.latency_sigma)
+        buffering = 0.0 if rng.random() < 1 - w.buffering_share else rng.uniform(0, 0.02)
         health = rng.uniform(92, 100)
-        loss = abs(rng.gauss(0.01, 0.01))
+        loss = abs(rng.gauss(w.packet_loss, w.packet_loss))
         cdn = self.active("cdn_pop_degradation", ts)
         if cdn and cdn.details["cdn_pop"] == pop:
-            m = self.magnitude
+            m = self._m("cdn_pop_degradation")
             bitrate *= 1 - 0.5 * m
             buffering = min(1.0, rng.uniform(0.06, 0.16) * m)
             latency *= 1 + 3 * m
@@ -310,7 +326,8 @@ class Simulator:
     def _behavior(self, ts: int, region: str, surge_crowd: bool = False) -> list[dict[str, Any]]:
         rng = self.rng
         user, segment, device = rng.choice((self.surge_users if surge_crowd else self.users)[region])
-        et = _pick(rng, BEHAVIOR)
+        w = self.world
+        et = _pick(rng, w.behavior)
         base = {
             "ts": ts, "user_id": user, "session_id": f"s-{user}", "device_id": device,
             "country": region, "user_segment": segment,
@@ -319,10 +336,10 @@ class Simulator:
         if et == "play_start":
             track, artist = f"tr-{rng.randrange(5000):05d}", rng.choice(self.artists)
             out.append({**base, "event_type": "play_start", "track_id": track, "artist_id": artist})
-            skip_p = 0.28
+            skip_p = w.skip_per_play
             if self.active("cdn_pop_degradation", ts) and region == self.active("cdn_pop_degradation", ts).region:
-                skip_p = 0.28 + 0.25 * self.magnitude
-            if rng.random() < 0.003:
+                skip_p = w.skip_per_play + 0.25 * self._m("cdn_pop_degradation")
+            if rng.random() < w.crash_per_play:
                 out.append({**base, "event_type": "app_crash", "error_code": "E_CRASH"})
             elif rng.random() < skip_p:
                 out.append({**base, "event_type": "skip", "track_id": track, "artist_id": artist, "listen_ms": rng.randrange(5000, 30000),
@@ -334,14 +351,19 @@ class Simulator:
             pm = f"pm-{user}"
             out.append({**base, "event_type": "payment_attempt", "amount": 10.99, "currency": "USD", "payment_method_id": pm})
             billing = self.active("billing_error_spike", ts)
-            fail_p = 0.02 + (0.4 * self.magnitude if billing and billing.region == region else 0.0)
+            fail_p = w.payment_failure + (0.4 * self._m("billing_error_spike") if billing and billing.region == region else 0.0)
             if rng.random() < fail_p:
                 out.append({**base, "event_type": "payment_failure", "amount": 10.99, "currency": "USD", "error_code": "PAY_DECLINED",
                             "payment_method_id": pm})
             else:
                 out.append({**base, "event_type": "payment_success", "amount": 10.99, "currency": "USD", "payment_method_id": pm})
         elif et == "ad_impression":
-            out.append({**base, "event_type": "ad_failure" if rng.random() < 0.02 else "ad_impression"})
+            out.append({**base, "event_type": "ad_failure" if rng.random() < w.ad_failure else "ad_impression"})
+        elif et == "app_crash":  # a crash outside playback (background rate of the world)
+            out.append({**base, "event_type": "app_crash", "error_code": "E_CRASH"})
+        elif et == "skip":  # a skip without its play in this batch (the play came earlier)
+            out.append({**base, "event_type": "skip", "track_id": f"tr-{rng.randrange(5000):05d}", "artist_id": rng.choice(self.artists),
+                        "listen_ms": rng.randrange(5000, 30000), "track_duration_ms": 200_000})
         else:
             out.append({**base, "event_type": et})
         for rec in out:
@@ -351,7 +373,7 @@ class Simulator:
     def _fraud(self, t: int, farm: Injected) -> list[dict[str, Any]]:
         rng = self.rng
         out = []
-        per_second = 450 / 3600 * self.magnitude  # plays per account per second
+        per_second = 450 / 3600 * self._m("fraud_farm")  # plays per account per second
         for i, user in enumerate(farm.details["accounts"]):
             if rng.random() >= per_second:
                 continue
@@ -370,26 +392,33 @@ class Simulator:
         p95, err, rps = SERVICES[svc]
         surge = self.active("benign_surge", ts)
         load = 3.0 if surge and surge.region == region else 1.0
-        p95 = p95 * rng.gauss(1, 0.04) * (1 + 0.08 * (load - 1) / 2)
-        err = max(0.0, err * rng.gauss(1, 0.15))
+        w = self.world
+        p95 = p95 * rng.gauss(1, w.system_noise) * (1 + 0.08 * (load - 1) / 2)
+        if w.spike_rate and rng.random() < w.spike_rate:  # the heavy tail: a GC pause, a slow disk
+            p95 *= rng.lognormvariate(0.4, 0.3)
+        err = max(0.0, err * rng.gauss(1, w.error_noise))
         cpu = min(99.0, rng.gauss(38, 2) * (1 + 0.35 * (load - 1) / 2))
-        m = self.magnitude
+        m = self._m("cdn_pop_degradation")
         cdn = self.active("cdn_pop_degradation", ts)
         if cdn and svc == "cdn" and region == cdn.region:
             err += 0.06 * m
             p95 *= 1 + 1.5 * m
         billing = self.active("billing_error_spike", ts)
+        m = self._m("billing_error_spike")
         if billing and svc in ("payment_gateway", "premium_billing") and region == billing.region:
             err += (0.3 if svc == "payment_gateway" else 0.2) * m
         lat = self.active("latency_regression", ts)
+        m = self._m("latency_regression")
         if lat and svc == lat.details["service"] and region == lat.region:
             p95 *= 1 + 2 * m
         flap = self.active("flapping_metric", ts)
+        m = self._m("flapping_metric")
         if flap and svc == "recommendation_engine" and region == flap.region:
             if ((ts - flap.start_ms) // 1000 // flap.details["period_s"]) % 2 == 0:
                 p95 = 400 * (1 + 0.15 * m)  # just above the 400 ms SLO, then back to normal
         memory = rng.gauss(55, 1.5)
         drift = self.active("slow_drift", ts)
+        m = self._m("slow_drift")
         if drift and svc == drift.details["service"] and region == drift.region:
             memory += 45 * m * (ts - drift.start_ms) / (drift.end_ms - drift.start_ms)
         return {
@@ -413,7 +442,7 @@ class Simulator:
         kinds = ["invalid_json", "missing_field", "nan", "negative_latency", "ratio_out_of_range", "future_ts", "not_an_object"]
         for _ in range(n):
             kind = kinds[self.malformed % len(kinds)]
-            region = _pick(self.rng, REGIONS)
+            region = _pick(self.rng, self.regions)
             good = self._audio(t + self.rng.randrange(1000), region)
             bad: Any = dict(good)
             if kind == "invalid_json":
