@@ -122,9 +122,22 @@ class Finding:
     details: dict[str, Any] = field(default_factory=dict)
 
 
+def false_alarm_budget(settings: Any, n_features: int) -> float:
+    """The chance per window and feature that may open a signal on normal data: the configured
+    false alarms per entity and week (``detection.false_alarms_per_entity_week``) spread over the
+    tests an entity runs in a week (its features times its windows)."""
+    d = settings.detection
+    per_week = float(d.get("false_alarms_per_entity_week", 0) or 0)
+    if per_week <= 0:
+        return 0.0
+    windows = 7 * 86400 / max(1, int(settings.windows.aggregate_s))
+    return per_week / (windows * max(1, n_features))
+
+
 def make_baseline(settings: Any, directions: Mapping[str, str], limits: Mapping) -> RobustBaseline:
     """A baseline with the detection settings (shared by every stream detector)."""
     d = settings.detection
+    n_features = len(directions) if len(directions) else 8  # a service's metrics are only known as they come
     return RobustBaseline(
         fading_factor=d["fading_factor"],
         warmup=d["warmup_windows"],
@@ -136,6 +149,8 @@ def make_baseline(settings: Any, directions: Mapping[str, str], limits: Mapping)
         directions=directions,
         limits=limits,
         min_change=MetricSpecs(settings, "min_change", 0.0),
+        budget=false_alarm_budget(settings, n_features),
+        max_confirm=int(d.get("max_confirm_windows", 3)),
     )
 
 

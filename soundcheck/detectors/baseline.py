@@ -15,7 +15,17 @@ that sit the rules that make it usable for alerting:
 * anomalous values are kept out of the baseline, unless a shift lasts ``relearn_after``
   observations, after which it is learned as the new normal;
 * hysteresis: a signal opens above ``z_threshold`` (or past a limit) and closes only after
-  ``clear_windows`` observations back under ``z_clear`` and within limits.
+  ``clear_windows`` observations back under ``z_clear`` and within limits;
+* a false-alarm budget: ``budget`` is the chance per observation and feature that may open a
+  signal on normal data. The baseline learns how often a run of deviations starts on this
+  feature (``onset_rate``, an exponentially weighted rate with a Gaussian prior) and opens a
+  signal only once a run has lasted ``k`` observations, the smallest ``k`` with
+  ``onset_rate ** k <= budget`` (at most ``max_confirm``): a series whose noise is heavy-tailed
+  (one-window latency spikes) must persist before it pages, a quiet one does not wait. Runs of
+  deviations twice as far (twice ``z_threshold`` and the minimum effect) have their own, lower,
+  onset rate: a large change on a well-behaved series opens sooner than a marginal one. A limit
+  breach counts as a deviation, and a feature whose own noise often crosses its limit (a small
+  population near it) waits as long as the budget asks.
 
 >>> b = RobustBaseline(warmup=5, directions={"latency_ms": "up"})
 >>> for v in [100, 102, 98, 101, 99, 100, 103, 97]:
@@ -87,6 +97,12 @@ class _Feature:
     open_since: Optional[int] = None
     normal_run: int = 0
     abnormal_run: int = 0
+    onset_rate: float = -1.0  # learned chance a run of deviations starts at an observation (< 0: the prior)
+    onset_rate_far: float = -1.0  # ... a run of deviations twice as far (twice the threshold and the effect)
+    run: int = 0  # deviating observations in a row, before the signal opened
+    far_run: int = 0  # ... of which the last ones in a row were twice as far
+    far_onsets: int = 0  # runs twice as far started within the current run (counted when it is over)
+    run_since: Optional[int] = None
 
 
 @dataclass
@@ -105,6 +121,10 @@ class RobustBaseline:
     directions: Mapping[str, str] = field(default_factory=dict)
     limits: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     min_change: Mapping[str, float] = field(default_factory=dict)
+    budget: float = 0.0  # chance per observation and feature of opening a signal on normal data (0: no confirmation)
+    max_confirm: int = 3
+    onset_prior: float = 1e-4  # the onset rate assumed before any is seen (about a Gaussian's at z 3.7)
+    onset_memory: int = 360  # observations the onset rate is averaged over (an hour of 10 s windows)
     _features: dict[str, _Feature] = field(default_factory=dict, repr=False)
     observations: int = 0
 
@@ -131,6 +151,34 @@ class RobustBaseline:
         elif direction != "up":
             delta = abs(delta)
         return delta / spread, delta
+
+    def confirm(self, name: str, far: bool = False) -> int:
+        """Observations in a row a deviation of ``name`` must last before it opens a signal: the
+        smallest run whose chance on normal data is within the budget, that chance taken from how
+        often runs have started (the onset rate) or, for a feature with a limit, how often its
+        own noise alone would cross the limit, whichever is larger."""
+        f = self._features.get(name)
+        if self.budget <= 0:
+            return 1
+        rate = (f.onset_rate_far if far else f.onset_rate) if f is not None else -1.0
+        q = rate if rate >= 0 else self.onset_prior / (10.0 if far else 1.0)
+        if f is not None and not far:
+            q = max(q, self._crossing_chance(f, name))
+        if q <= self.budget:
+            return 1
+        return max(1, min(self.max_confirm, math.ceil(math.log(self.budget) / math.log(min(q, 0.5)))))
+
+    def _crossing_chance(self, f: _Feature, name: str) -> float:
+        """The chance that one observation crosses ``name``'s limit by noise alone (normal model
+        around the learned mean and spread): high for a small population near its limit."""
+        lim = self.limits.get(name)
+        if not lim or f.n < 2:
+            return 0.0
+        mean = f.mean.get()
+        spread = max(math.sqrt(max(f.var.get(), 0.0)), self.relative_floor * abs(mean), self.absolute_floor)
+        gaps = [(lim["max"] - mean) / spread] if "max" in lim else []
+        gaps += [(mean - lim["min"]) / spread] if "min" in lim else []
+        return max((0.5 * math.erfc(g / math.sqrt(2)) for g in gaps), default=0.0)
 
     def _min_effect(self, f: _Feature, name: str) -> float:
         return max(self.min_change.get(name, 0.0), self.min_relative_change * abs(f.mean.get()))
@@ -182,13 +230,16 @@ class RobustBaseline:
         return 0.0 if worst <= 0 else 1.0 - math.exp(-worst / self.z_threshold)
 
     def update_one(
-        self, x: Mapping[str, float], ts: int, spread: Optional[Mapping[str, float]] = None
+        self, x: Mapping[str, float], ts: int, spread: Optional[Mapping[str, float]] = None,
+        bound: Optional[Mapping[str, float]] = None,
     ) -> list[Signal]:
         """Score, update the hysteresis, learn what is normal; return the signals now open.
 
         ``spread`` may give a feature's expected spread for this observation (for a rate: its
         binomial standard error), instead of the learned one; such a feature must also be past
-        its absolute limit by two spreads to count as a breach.
+        its absolute limit by two spreads to count as a breach. ``bound`` may give, instead, the
+        value a limit is judged on (for a measured rate: the end of its confidence interval
+        nearest the limit), with no margin.
         """
         self.observations += 1
         out: list[Signal] = []
@@ -201,14 +252,45 @@ class RobustBaseline:
             given = (spread or {}).get(name)
             z, delta = self._z(f, name, value, given) if f.n >= 2 else (0.0, 0.0)
             # a rate judged by its standard error must be past its limit by two of them
-            limit = self._breach(name, value, 2.0 * given if given else 0.0)
+            if bound is not None and name in bound:
+                limit = self._breach(name, bound[name])
+            else:
+                limit = self._breach(name, value, 2.0 * given if given else 0.0)
             effect = self._min_effect(f, name)
             if _observer is not None and f.n >= 2:
                 self._observe(f, name, value, given, effect)
-            abnormal = warm and ((z >= self.z_threshold and delta >= effect) or limit is not None)
-            still = warm and ((z >= self.z_clear and delta >= effect / 2) or limit is not None)
+            # a deviation (far from the learned normal, by a change that matters) or a limit
+            # breached: either must last the run the budget asks for (:meth:`confirm`). A limit pages while the baseline is still learning (never its own moving
+            # estimate); once it has learned, a limit its normal is already past is not news:
+            # only a deviation from that normal opens a signal (one already open stays open)
+            chronic = limit is not None and warm and self._crossing_chance(f, name) >= 0.5
+            deviating = (warm and z >= self.z_threshold and delta >= effect) or (limit is not None and not chronic)
+            far = warm and z >= 2 * self.z_threshold and delta >= 2 * effect
+            if warm:  # the onset rates (see the module doc) decay on every observation after the warm-up ...
+                for attr, prior in (("onset_rate", self.onset_prior), ("onset_rate_far", self.onset_prior / 10.0)):
+                    q = getattr(f, attr)
+                    setattr(f, attr, (q if q >= 0 else prior) * (1.0 - 1.0 / self.onset_memory))
+            was_running = f.run > 0
+            if deviating and f.open_since is None:
+                f.far_onsets += 1 if far and f.far_run == 0 else 0
+                f.run += 1
+                f.run_since = ts if f.run == 1 else f.run_since
+                f.far_run = f.far_run + 1 if far else 0
+            confirmed = deviating and (f.open_since is not None or f.run >= self.confirm(name)
+                                       or (f.far_run > 0 and f.far_run >= self.confirm(name, far=True)))
+            if (confirmed and f.open_since is None) or (not deviating and was_running):
+                # ... and count a run once it is over (opened, or back to normal), so that a run
+                # being judged is not evidence against itself
+                f.onset_rate += 1.0 / self.onset_memory if f.onset_rate >= 0 else 0.0
+                f.onset_rate_far += f.far_onsets / self.onset_memory if f.onset_rate_far >= 0 else 0.0
+                f.far_onsets = 0
+            if not deviating:
+                f.run, f.run_since, f.far_run = 0, None, 0
+            abnormal = confirmed
+            still = (warm and z >= self.z_clear and delta >= effect / 2) or limit is not None
             if f.open_since is None and abnormal:
-                f.open_since, f.normal_run = ts, 0
+                f.open_since, f.normal_run = (f.run_since if f.run_since is not None else ts), 0
+                f.run, f.run_since, f.far_run = 0, None, 0
             elif f.open_since is not None:
                 if still:
                     f.normal_run = 0
@@ -218,7 +300,7 @@ class RobustBaseline:
                         f.open_since = None
             # keep anomalies out of the baseline (only those: excluding every mildly high value
             # would bias it low), unless the shift lasts long enough to be the new normal
-            f.abnormal_run = f.abnormal_run + 1 if abnormal or (f.open_since is not None and still) else 0
+            f.abnormal_run = f.abnormal_run + 1 if deviating or abnormal or (f.open_since is not None and still) else 0
             if f.open_since is not None:
                 out.append(Signal(name, value, f.mean.get(), min(max(z, 0.0), 999.0), limit, f.open_since))
             if f.abnormal_run == 0 or f.abnormal_run > self.relearn_after:

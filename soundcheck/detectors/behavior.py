@@ -16,6 +16,7 @@ import hashlib
 import math
 import struct
 from collections import deque
+from statistics import NormalDist
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -23,7 +24,7 @@ import numpy as np
 
 from ..ingest.partials import EVENT_INDEX, EVENT_TYPES
 from ..settings import Settings
-from .base import Anomaly, Finding, WindowedDetector, make_baseline
+from .base import Anomaly, Finding, WindowedDetector, false_alarm_budget, make_baseline
 from .baseline import RobustBaseline, Signal
 from .windows import WindowAggregate
 
@@ -46,6 +47,22 @@ class _RegionRates:
     recent: deque  # the last windows' event-type counts, for the sliding rates
 
 
+def wilson_interval(k: float, n: float, z: float) -> tuple[float, float]:
+    """The Wilson score interval of a proportion ``k / n`` at ``z`` standard deviations: unlike
+    ``p +- z * se`` it stays inside [0, 1] and is right for small counts.
+
+    >>> lo, hi = wilson_interval(3, 50, 4.0); round(lo, 3), round(hi, 3)
+    (0.008, 0.325)
+    """
+    if n <= 0:
+        return 0.0, 1.0
+    p = k / n
+    z2 = z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 class BehaviorRateDetector(WindowedDetector):
     """Population rates per region against learned baselines and floors."""
 
@@ -63,6 +80,10 @@ class BehaviorRateDetector(WindowedDetector):
         self._rate_index = {
             name: ([_INDEX[t] for t in num], [_INDEX[t] for t in den]) for name, (num, den) in RATES.items()
         }
+        # a limit counts as breached when the rate's whole confidence interval is past it, at the
+        # confidence the false-alarm budget allows (a Wilson interval: right for small counts too)
+        budget = false_alarm_budget(settings, len(RATES))
+        self.z_limit = NormalDist().inv_cdf(1.0 - budget) if budget > 0 else 2.0
         super().__init__(settings, source_topic)
 
     def new_state(self) -> "_RegionRates":
@@ -78,6 +99,7 @@ class BehaviorRateDetector(WindowedDetector):
         x: dict[str, float] = {}
         spread: dict[str, float] = {}
         counts: dict[str, float] = {}
+        bound: dict[str, float] = {}
         for name, (num, den) in self._rate_index.items():
             d = float(sums[den].sum())
             if d < self.min_denominator:
@@ -90,10 +112,12 @@ class BehaviorRateDetector(WindowedDetector):
             x[name] = (k + self.prior_weight * p0) / (d + self.prior_weight)
             spread[name] = math.sqrt(max(p0 * (1 - p0), 1e-6) / (d + self.prior_weight))
             counts[name] = k
+            lo, hi = wilson_interval(k, d, self.z_limit)
+            bound[name] = lo if self.directions.get(name) != "down" else hi
         if not x:
             return []
         by_node: dict[str, list[Signal]] = {}
-        for s in baseline.update_one(x, agg.end, spread):
+        for s in baseline.update_one(x, agg.end, spread, bound):
             by_node.setdefault(self.settings.metric_spec(s.metric).get("node", "client_experience"), []).append(s)
         details = {"rates": {k: round(v, 4) for k, v in x.items()}, "span_s": len(recent) * (agg.end - agg.start) // 1000}
         return [

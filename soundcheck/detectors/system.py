@@ -112,6 +112,7 @@ class SystemMetricsDetector(WindowedDetector):
             score = det.update(value, t)
             state.seen[name] = state.seen.get(name, 0) + 1
             if score < self.series_threshold or name in open_metrics or state.seen[name] <= self.warmup:
+                state.runs[name] = 0
                 continue
             expected = getattr(det, "expected", math.nan)
             if not math.isfinite(expected):  # no prediction yet: judge against the baseline's mean
@@ -125,7 +126,13 @@ class SystemMetricsDetector(WindowedDetector):
             elif spec.get("direction") != "up":
                 delta = abs(delta)
             effect = max(float(spec.get("min_change", 0.0)), self.min_relative_change * abs(expected))
-            if delta >= effect:
+            if delta < effect:
+                state.runs[name] = 0
+                continue
+            # the same false-alarm budget as the baseline's: on a series whose deviations often
+            # start, one must last before it opens a signal
+            state.runs[name] = state.runs.get(name, 0) + 1
+            if state.runs[name] >= state.baseline.confirm(name):
                 out.append(Signal(name, value, expected, round(score * 10, 2), None, agg.end))
         return out
 
@@ -165,3 +172,4 @@ class _ServiceState:
     forecasters: dict[str, SloForecaster] = field(default_factory=dict)
     series: dict[str, SeriesDetector] = field(default_factory=dict)
     seen: dict[str, int] = field(default_factory=dict)
+    runs: dict[str, int] = field(default_factory=dict)  # windows in a row each metric's series detector has deviated

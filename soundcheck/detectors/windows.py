@@ -36,9 +36,15 @@ class WindowAggregate:
     users: int = 0  # distinct users, summed over the input partitions
 
     def mean(self) -> np.ndarray:
-        """Per-feature mean over the rows that had the feature (NaN where none had it)."""
+        """Per-feature mean over the rows that had the feature (NaN where none had it), to 12
+        significant digits: the sums of a window split over partitions in another way differ in
+        their last bits (float addition is not associative), and a detector must see the same
+        window whatever the partitioning (a value reported to 4 digits flipped on it)."""
         with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(self.present > 0, self.sums / np.maximum(self.present, 1), np.nan)
+            m = np.where(self.present > 0, self.sums / np.maximum(self.present, 1), np.nan)
+            mag = np.where(np.isfinite(m) & (m != 0), np.floor(np.log10(np.abs(np.where(m == 0, 1, m)))), 0)
+            scale = 10.0 ** (11 - mag)
+            return np.where(np.isfinite(m), np.round(m * scale) / scale, m)
 
 
 class TumblingAggregator:
