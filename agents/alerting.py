@@ -49,11 +49,14 @@ from soundcheck.ingest.contracts import Rejection
 from soundcheck.detectors.base import Anomaly
 from soundcheck.kafka.admin import TABLES, read_since
 
+from soundcheck.ingest.deadletters import dead_letters
+
 from .ingest import dead_letter
 
 log = logging.getLogger(__name__)
 STREAM_SILENT_S = 60.0  # a stream without ticks for this long (wall time) no longer holds the clock back
 LOOKBACK_MS = 5 * 60_000  # a partition taken on: alerts read from its first record's timestamp less this (clock skew)
+MAX_SEND_FAILURES = 3  # a batch of notifications that failed to send this often in a row goes to the dead letters
 MAX_SENT_IDS = 50_000  # ids of sent notifications remembered per anomalies partition
 
 
@@ -77,6 +80,11 @@ def register(app: faust.App, ctx: Any) -> None:
     decisions_topic = ctx.topics["decisions"]
     clocks: dict[int, dict[tuple[str, int], tuple[int, float]]] = {}  # partition -> (stream, source) -> (event time, wall time)
     first_tick: dict[int, float] = {}
+    # the fraud stage lags the aggregates a little: it holds the clock back (so that a fraud alert
+    # does not resolve while its next anomaly is still coming), but by at most the time an alert
+    # takes to resolve: a fraud stage far behind (a backlog, a restore) does not hold every other
+    # notification back with it
+    fraud_hold_ms = settings.windows.resolve_after_s * 1000
     moved: dict[int, int] = {}  # partition -> the clock last acted on
 
     def stage2_partitions() -> tuple[int, int]:
@@ -94,12 +102,18 @@ def register(app: faust.App, ctx: Any) -> None:
         return len(agg) >= n_agg and (not behaviour or len(fraud) >= n_fraud)
     reported: dict[str, int] = {}
 
+    failures: dict[int, int] = {}  # anomalies partition -> sends failed in a row
     sent_ids: dict[int, dict[str, None]] = {}  # anomalies partition taken on -> ids of notifications sent (oldest first)
 
     async def take_on(partition: int, event: Any) -> None:
-        """The first record of an anomalies partition in this worker: what was sent already (see
-        the module doc), and what the outbox holds that was not."""
+        """The first record of an anomalies partition in this worker (or the first after a failed
+        send): what its outbox holds that the alerts topic lacks is sent. An empty outbox needs no
+        check: state and outbox reach the broker before a notification is sent, so a record read
+        again either finds its decision already in the tables or was never notified."""
         pending = list(outbox.get(str(partition)) or [])
+        if not pending:
+            sent_ids[partition] = {}
+            return
         first = int((event.message.timestamp or time.time()) * 1000)
         since = min([first] + [int(n.get("emitted_at") or first) for n in pending]) - LOOKBACK_MS
         ids: dict[str, None] = {}
@@ -114,12 +128,11 @@ def register(app: faust.App, ctx: Any) -> None:
             log.error("soundcheck.alerting: could not read what %s holds (%s: %s); partition %s may repeat a notification",
                       settings.topics.alerts, type(exc).__name__, exc, partition)
         sent_ids[partition] = ids
-        if pending:
-            unsent = [n for n in pending if n.get("alert_id") not in ids]
-            log.warning("soundcheck.alerting: partition %s: %d notifications were being sent when its last owner stopped; "
-                        "%d had reached %s, sending the other %d", partition, len(pending), len(pending) - len(unsent),
-                        settings.topics.alerts, len(unsent))
-            await send(partition, pending)
+        unsent = [n for n in pending if n.get("alert_id") not in ids]
+        log.warning("soundcheck.alerting: partition %s: %d notifications were being sent when its last owner stopped; "
+                    "%d had reached %s, sending the other %d", partition, len(pending), len(pending) - len(unsent),
+                    settings.topics.alerts, len(unsent))
+        await send(partition, [])
 
     async def on_revoked(sender: Any, revoked: set, **kwargs: Any) -> None:
         for tp in revoked:
@@ -130,18 +143,41 @@ def register(app: faust.App, ctx: Any) -> None:
 
     async def send(partition: int, notes: list[dict[str, Any]]) -> None:
         sent = sent_ids.setdefault(partition, {})
-        notes = [n for n in notes if n["alert_id"] not in sent]
+        batch: dict[str, dict[str, Any]] = {}
+        for n in list(outbox.get(str(partition)) or []) + notes:  # what a failed send left first: never overwritten
+            if n["alert_id"] not in sent:
+                batch.setdefault(n["alert_id"], n)
+        notes = list(batch.values())
         if notes:
             # the table changes behind these notifications (group sent, alert marked sent, clock
             # moved) and the notifications themselves (the outbox) go to the broker first; Faust
             # sends changelogs with send_soon, topic.send() goes out at once
             outbox[str(partition)] = notes
-            await app.producer.flush()
+            try:
+                await app.producer.flush()
+                for n in notes:
+                    await alerts_topic.send(key=n["fingerprint"].encode(), value=orjson.dumps(n))
+                await app.producer.flush()  # acknowledged
+            except Exception as exc:
+                # the outbox keeps them; the next record of this partition takes it on again,
+                # checking the alerts topic for what did go out
+                sent_ids.pop(partition, None)
+                failures[partition] = failures.get(partition, 0) + 1
+                if failures[partition] >= MAX_SEND_FAILURES:  # never sendable (too large?): dead letters, not a stuck partition
+                    failures.pop(partition)
+                    outbox[str(partition)] = None
+                    log.error("soundcheck.alerting: %d notifications of partition %s failed to send %d times (%s: %s); "
+                              "they go to the dead letters", len(notes), partition, MAX_SEND_FAILURES, type(exc).__name__, exc)
+                    for n in notes:
+                        value = dead_letters(topic=settings.topics.alerts, partition=-1, offset=-1, timestamp_ms=None,
+                                             key=n["fingerprint"].encode(), value=orjson.dumps(n),
+                                             rejections=[Rejection("processing_error", f"notification not sent: {type(exc).__name__}: {exc}")],
+                                             stream="alerts", now_ms=int(time.time() * 1000))[0]
+                        await dlq.send(key=n["fingerprint"].encode(), value=value)
+                raise
+            failures.pop(partition, None)
             for n in notes:
                 m.alerts.labels(severity=n["severity"]).inc()
-                await alerts_topic.send(key=n["fingerprint"].encode(), value=orjson.dumps(n))
-            await app.producer.flush()  # acknowledged
-            for n in notes:
                 sent[n["alert_id"]] = None
             while len(sent) > MAX_SENT_IDS:
                 del sent[next(iter(sent))]
@@ -164,8 +200,12 @@ def register(app: faust.App, ctx: Any) -> None:
         sources[(str(doc["tick"]), int(doc.get("source", -1)))] = (int(doc["event_time"]), wall)
         if not all_ticked(sources) and wall - first_tick.setdefault(partition, wall) < STREAM_SILENT_S:
             return []
-        live = [t for t, seen in sources.values() if wall - seen < STREAM_SILENT_S]
-        now = min(live) if live else int(doc["event_time"])
+        live = {key: t for key, (t, seen) in sources.items() if wall - seen < STREAM_SILENT_S}
+        streams = [t for (stream, _), t in live.items() if stream != "fraud"]
+        fraud = [t for (stream, _), t in live.items() if stream == "fraud"]
+        now = min(streams) if streams else min(fraud) if fraud else int(doc["event_time"])
+        if streams and fraud:  # a lagging fraud stage holds the clock back, but not by more than fraud_hold_ms
+            now = min(now, max(min(fraud), now - fraud_hold_ms))
         if now <= moved.get(partition, -(2**62)):
             return []  # the slowest source has not moved: nothing is due
         moved[partition] = now

@@ -78,3 +78,16 @@ def test_the_wilson_interval_is_right_for_small_counts():
     assert lo < 0.03  # 6% crashes in a hundred plays is not proof of a rate past a 3% limit
     lo, _ = wilson_interval(450, 1000, 4.6)
     assert lo > 0.3  # 45% failing payments in a thousand is
+
+
+def test_a_long_quiet_series_still_waits_for_a_second_window():
+    """Steady state: however long a series has been quiet, a one-window spike does not open a
+    signal (the onset rate's floor), and a shift still opens on its second window."""
+    rng = random.Random(5)
+    b = baseline()
+    values = [100 * rng.gauss(1, 0.02) for _ in range(9000)]
+    for i in range(3000, 9000, 3000):  # a spike every 8 hours, one window long
+        values[i] *= 2.0
+    assert not any(feed(b, values))
+    assert b.confirm("latency") == 2
+    assert feed(b, [200.0] * 3, t0=9000) == [False, True, True]

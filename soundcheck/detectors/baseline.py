@@ -18,9 +18,10 @@ that sit the rules that make it usable for alerting:
   ``clear_windows`` observations back under ``z_clear`` and within limits;
 * a false-alarm budget: ``budget`` is the chance per observation and feature that may open a
   signal on normal data. The baseline learns how often a run of deviations starts on this
-  feature (``onset_rate``, an exponentially weighted rate with a Gaussian prior) and opens a
-  signal only once a run has lasted ``k`` observations, the smallest ``k`` with
-  ``onset_rate ** k <= budget`` (at most ``max_confirm``): a series whose noise is heavy-tailed
+  feature (``onset_rate``: runs over observations, counted over a week with a Gaussian prior
+  that is also its floor) and opens a signal only once a run has lasted ``k`` observations, the
+  smallest ``k`` with ``onset_rate ** k <= budget`` (at most ``max_confirm``; with the floor a
+  quiet series waits 2 observations, however long it has been quiet): a series whose noise is heavy-tailed
   (one-window latency spikes) must persist before it pages, a quiet one does not wait. Runs of
   deviations twice as far (twice ``z_threshold`` and the minimum effect) have their own, lower,
   onset rate: a large change on a well-behaved series opens sooner than a marginal one. A limit
@@ -97,8 +98,9 @@ class _Feature:
     open_since: Optional[int] = None
     normal_run: int = 0
     abnormal_run: int = 0
-    onset_rate: float = -1.0  # learned chance a run of deviations starts at an observation (< 0: the prior)
-    onset_rate_far: float = -1.0  # ... a run of deviations twice as far (twice the threshold and the effect)
+    onsets: float = 0.0  # runs of deviations seen (decayed, see RobustBaseline.onset_memory)
+    onsets_far: float = 0.0  # ... runs of deviations twice as far (twice the threshold and the effect)
+    windows: float = 0.0  # observations after the warm-up (decayed the same way)
     run: int = 0  # deviating observations in a row, before the signal opened
     far_run: int = 0  # ... of which the last ones in a row were twice as far
     far_onsets: int = 0  # runs twice as far started within the current run (counted when it is over)
@@ -123,8 +125,9 @@ class RobustBaseline:
     min_change: Mapping[str, float] = field(default_factory=dict)
     budget: float = 0.0  # chance per observation and feature of opening a signal on normal data (0: no confirmation)
     max_confirm: int = 3
-    onset_prior: float = 1e-4  # the onset rate assumed before any is seen (about a Gaussian's at z 3.7)
-    onset_memory: int = 360  # observations the onset rate is averaged over (an hour of 10 s windows)
+    onset_prior: float = 1e-4  # the onset rate assumed before any is seen, and its floor (about a Gaussian's at z 3.7)
+    onset_memory: int = 60480  # observations the onset rate is counted over (a week of 10 s windows)
+    onset_prior_weight: int = 360  # observations the prior counts for (an hour of 10 s windows)
     _features: dict[str, _Feature] = field(default_factory=dict, repr=False)
     observations: int = 0
 
@@ -160,8 +163,11 @@ class RobustBaseline:
         f = self._features.get(name)
         if self.budget <= 0:
             return 1
-        rate = (f.onset_rate_far if far else f.onset_rate) if f is not None else -1.0
-        q = rate if rate >= 0 else self.onset_prior / (10.0 if far else 1.0)
+        prior = self.onset_prior / (10.0 if far else 1.0)
+        q = prior
+        if f is not None:  # runs seen over observations, with the prior as a few hundred observations; never below it
+            seen = f.onsets_far if far else f.onsets
+            q = max(prior, (seen + self.onset_prior_weight * prior) / (f.windows + self.onset_prior_weight))
         if f is not None and not far:
             q = max(q, self._crossing_chance(f, name))
         if q <= self.budget:
@@ -266,10 +272,9 @@ class RobustBaseline:
             chronic = limit is not None and warm and self._crossing_chance(f, name) >= 0.5
             deviating = (warm and z >= self.z_threshold and delta >= effect) or (limit is not None and not chronic)
             far = warm and z >= 2 * self.z_threshold and delta >= 2 * effect
-            if warm:  # the onset rates (see the module doc) decay on every observation after the warm-up ...
-                for attr, prior in (("onset_rate", self.onset_prior), ("onset_rate_far", self.onset_prior / 10.0)):
-                    q = getattr(f, attr)
-                    setattr(f, attr, (q if q >= 0 else prior) * (1.0 - 1.0 / self.onset_memory))
+            if warm:  # the onset counts (see the module doc) decay on every observation after the warm-up ...
+                keep = 1.0 - 1.0 / self.onset_memory
+                f.onsets, f.onsets_far, f.windows = f.onsets * keep, f.onsets_far * keep, f.windows * keep + 1.0
             was_running = f.run > 0
             if deviating and f.open_since is None:
                 f.far_onsets += 1 if far and f.far_run == 0 else 0
@@ -281,8 +286,9 @@ class RobustBaseline:
             if (confirmed and f.open_since is None) or (not deviating and was_running):
                 # ... and count a run once it is over (opened, or back to normal), so that a run
                 # being judged is not evidence against itself
-                f.onset_rate += 1.0 / self.onset_memory if f.onset_rate >= 0 else 0.0
-                f.onset_rate_far += f.far_onsets / self.onset_memory if f.onset_rate_far >= 0 else 0.0
+                if warm:
+                    f.onsets += 1.0
+                    f.onsets_far += f.far_onsets
                 f.far_onsets = 0
             if not deviating:
                 f.run, f.run_since, f.far_run = 0, None, 0

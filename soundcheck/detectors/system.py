@@ -105,6 +105,8 @@ class SystemMetricsDetector(WindowedDetector):
         bad direction by a change that matters, and the baseline has not already said so."""
         out: list[Signal] = []
         t = agg.end / 1000.0
+        for name in [n for n in state.runs if n not in x]:  # a window without the metric ends its run
+            state.runs[name] = 0
         for name, value in x.items():
             det = state.series.get(name)
             if det is None:
@@ -118,6 +120,7 @@ class SystemMetricsDetector(WindowedDetector):
             if not math.isfinite(expected):  # no prediction yet: judge against the baseline's mean
                 expected = state.baseline.expected(name)
             if expected is None or not math.isfinite(expected):
+                state.runs[name] = 0
                 continue
             spec = self.settings.metric_spec(name)
             delta = value - expected

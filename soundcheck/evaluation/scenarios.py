@@ -130,6 +130,8 @@ def quiet_days(
     """Per seed, ``duration_s`` of its world with no incident (starting at an hour of the day that
     varies with the seed, so the daily curve is rising, falling or at its peak): every firing
     notification is false."""
+    if duration_s < 60:
+        raise ValueError(f"a quiet day of {duration_s} s: it needs at least 60 s of event time")
     runs = []
     for seed in seeds:
         start = START_MS + (seed * 7 % 24) * 3_600_000
@@ -181,6 +183,8 @@ def parse_seeds(text: str) -> list[int]:
             out += list(range(int(lo), int(hi) + 1)) if sep else [int(part)]
         except ValueError:
             raise ValueError(f"seeds {text!r}: expected numbers and ranges such as 1,2,3 or 100-119") from None
+        if sep and int(hi) < int(lo):
+            raise ValueError(f"seeds {text!r}: the range {part} is empty (write it low-high)")
     if not out:
         raise ValueError(f"seeds {text!r}: no seed")
     return out
@@ -244,6 +248,9 @@ def cli_main(args: Any) -> int:
         seeds = parse_seeds(args.seeds)
     except ValueError as exc:
         print(f"soundcheck eval scenarios: {exc}", file=sys.stderr)
+        return 2
+    if getattr(args, "quiet_days", False) and args.quiet_duration < 60:
+        print(f"soundcheck eval scenarios: --quiet-duration {args.quiet_duration}: at least 60 s", file=sys.stderr)
         return 2
     world = getattr(args, "world", "default")
     progress = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
