@@ -80,11 +80,6 @@ def register(app: faust.App, ctx: Any) -> None:
     decisions_topic = ctx.topics["decisions"]
     clocks: dict[int, dict[tuple[str, int], tuple[int, float]]] = {}  # partition -> (stream, source) -> (event time, wall time)
     first_tick: dict[int, float] = {}
-    # the fraud stage lags the aggregates a little: it holds the clock back (so that a fraud alert
-    # does not resolve while its next anomaly is still coming), but by at most the time an alert
-    # takes to resolve: a fraud stage far behind (a backlog, a restore) does not hold every other
-    # notification back with it
-    fraud_hold_ms = settings.windows.resolve_after_s * 1000
     moved: dict[int, int] = {}  # partition -> the clock last acted on
 
     def stage2_partitions() -> tuple[int, int]:
@@ -141,6 +136,18 @@ def register(app: faust.App, ctx: Any) -> None:
 
     app.on_partitions_revoked.connect(on_revoked)
 
+    async def drain(timeout: float = 60.0) -> None:
+        """Everything produced so far on the broker: faust-streaming's ``producer.flush()`` gives
+        up on its send buffer (the tables' changelog writes) after 0.1 s without progress, so it
+        is drained here until empty, then aiokafka's own buffer is flushed."""
+        deadline = time.monotonic() + timeout
+        buffer = getattr(app.producer, "buffer", None)
+        while buffer is not None and buffer.size:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the producer's send buffer did not drain within {timeout} s ({buffer.size} left)")
+            await buffer.flush()
+        await app.producer.flush()
+
     async def send(partition: int, notes: list[dict[str, Any]]) -> None:
         sent = sent_ids.setdefault(partition, {})
         batch: dict[str, dict[str, Any]] = {}
@@ -154,10 +161,10 @@ def register(app: faust.App, ctx: Any) -> None:
             # sends changelogs with send_soon, topic.send() goes out at once
             outbox[str(partition)] = notes
             try:
-                await app.producer.flush()
+                await drain()
                 for n in notes:
                     await alerts_topic.send(key=n["fingerprint"].encode(), value=orjson.dumps(n))
-                await app.producer.flush()  # acknowledged
+                await drain()  # acknowledged
             except Exception as exc:
                 # the outbox keeps them; the next record of this partition takes it on again,
                 # checking the alerts topic for what did go out
@@ -203,9 +210,10 @@ def register(app: faust.App, ctx: Any) -> None:
         live = {key: t for key, (t, seen) in sources.items() if wall - seen < STREAM_SILENT_S}
         streams = [t for (stream, _), t in live.items() if stream != "fraud"]
         fraud = [t for (stream, _), t in live.items() if stream == "fraud"]
-        now = min(streams) if streams else min(fraud) if fraud else int(doc["event_time"])
-        if streams and fraud:  # a lagging fraud stage holds the clock back, but not by more than fraud_hold_ms
-            now = min(now, max(min(fraud), now - fraud_hold_ms))
+        # a lagging fraud stage holds the clock back (so that no fraud alert resolves while its next
+        # anomaly is still coming, whatever the speed of a replay); one that stops ticking stops
+        # counting after STREAM_SILENT_S of wall time
+        now = min(streams + fraud) if streams or fraud else int(doc["event_time"])
         if now <= moved.get(partition, -(2**62)):
             return []  # the slowest source has not moved: nothing is due
         moved[partition] = now

@@ -131,4 +131,24 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
     detect.register(app, ctx)
     alerting.register(app, ctx)
     web.register(app, ctx)
+
+    @app.task
+    async def stack_dumps() -> None:
+        """``kill -USR1 <worker pid>`` logs where every asyncio task of the worker is waiting."""
+        import asyncio
+        import io
+        import logging
+        import signal
+
+        def dump() -> None:
+            for task in asyncio.all_tasks():
+                buf = io.StringIO()
+                task.print_stack(limit=12, file=buf)
+                logging.getLogger("soundcheck.tasks").warning("task %s:\n%s", task.get_name(), buf.getvalue())
+
+        try:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, dump)
+        except (NotImplementedError, RuntimeError, ValueError):  # no signals here (not the main thread, Windows)
+            pass
+
     return app, ctx
