@@ -21,11 +21,10 @@ Sending, so that a crash neither loses nor repeats a notification: the table cha
 batch of notifications and the batch itself (in the outbox) are put on the broker first; then the
 notifications are sent and acknowledged; then the outbox is emptied. A notification's
 ``alert_id`` names its decision (:func:`soundcheck.alerting.engine.notification_id`), so the same
-decision taken again has the same id. When a worker takes an anomalies partition on, it reads the
-ids on the alerts topic since the partition's first uncommitted record (less a margin) and sends
-neither those again -- the records it re-reads give the same decisions -- nor what its outbox
-holds that is already there; the rest of the outbox, lost when the previous owner died before the
-broker acknowledged it, is sent.
+decision taken again has the same id. When a worker takes an anomalies partition on whose outbox
+holds something (its last owner died, or a send failed, before the broker acknowledged it), it
+reads the ids on the alerts topic since the outbox's oldest notification (less a margin) and
+sends only what the topic lacks. Records read again find their decisions already in the tables.
 
 Ticks: every ingest agent sends, to each anomalies partition, the event time its stream has
 reached (once per aggregation window). On a tick the agent takes the slowest stream's time
@@ -47,9 +46,8 @@ from soundcheck.alerting import silences
 from soundcheck.alerting.engine import AlertEngine
 from soundcheck.ingest.contracts import Rejection
 from soundcheck.detectors.base import Anomaly
-from soundcheck.kafka.admin import TABLES, read_since
-
 from soundcheck.ingest.deadletters import dead_letters
+from soundcheck.kafka.admin import TABLES, read_since
 
 from .ingest import dead_letter
 
@@ -57,7 +55,6 @@ log = logging.getLogger(__name__)
 STREAM_SILENT_S = 60.0  # a stream without ticks for this long (wall time) no longer holds the clock back
 LOOKBACK_MS = 5 * 60_000  # a partition taken on: alerts read from its first record's timestamp less this (clock skew)
 MAX_SEND_FAILURES = 3  # a batch of notifications that failed to send this often in a row goes to the dead letters
-MAX_SENT_IDS = 50_000  # ids of sent notifications remembered per anomalies partition
 
 
 def partition_of(key: str, partitions: int) -> int:
@@ -98,7 +95,7 @@ def register(app: faust.App, ctx: Any) -> None:
     reported: dict[str, int] = {}
 
     failures: dict[int, int] = {}  # anomalies partition -> sends failed in a row
-    sent_ids: dict[int, dict[str, None]] = {}  # anomalies partition taken on -> ids of notifications sent (oldest first)
+    sent_ids: dict[int, set[str]] = {}  # anomalies partition taken on -> ids its outbox held that the alerts topic had
 
     async def take_on(partition: int, event: Any) -> None:
         """The first record of an anomalies partition in this worker (or the first after a failed
@@ -107,16 +104,16 @@ def register(app: faust.App, ctx: Any) -> None:
         again either finds its decision already in the tables or was never notified."""
         pending = list(outbox.get(str(partition)) or [])
         if not pending:
-            sent_ids[partition] = {}
+            sent_ids[partition] = set()
             return
         first = int((event.message.timestamp or time.time()) * 1000)
         since = min([first] + [int(n.get("emitted_at") or first) for n in pending]) - LOOKBACK_MS
-        ids: dict[str, None] = {}
+        ids: set[str] = set()
         try:
             for r in await read_since(settings.kafka.bootstrap_servers, settings.topics.alerts, since, timeout=60.0,
                                       client=settings.kafka_client()):
                 try:
-                    ids[str(orjson.loads(r.value)["alert_id"])] = None
+                    ids.add(str(orjson.loads(r.value)["alert_id"]))
                 except Exception:
                     continue  # not one of ours
         except Exception as exc:  # sending twice is better than not at all
@@ -149,7 +146,7 @@ def register(app: faust.App, ctx: Any) -> None:
         await app.producer.flush()
 
     async def send(partition: int, notes: list[dict[str, Any]]) -> None:
-        sent = sent_ids.setdefault(partition, {})
+        sent = sent_ids.setdefault(partition, set())
         batch: dict[str, dict[str, Any]] = {}
         for n in list(outbox.get(str(partition)) or []) + notes:  # what a failed send left first: never overwritten
             if n["alert_id"] not in sent:
@@ -185,9 +182,6 @@ def register(app: faust.App, ctx: Any) -> None:
             failures.pop(partition, None)
             for n in notes:
                 m.alerts.labels(severity=n["severity"]).inc()
-                sent[n["alert_id"]] = None
-            while len(sent) > MAX_SENT_IDS:
-                del sent[next(iter(sent))]
             outbox[str(partition)] = None
         decided_at = int(time.time() * 1000)
         for d in engine.drain_decisions():  # the decision log (soundcheck why FINGERPRINT reads it)

@@ -37,7 +37,6 @@ import orjson
 
 from soundcheck.evaluation.world import World
 
-REGIONS = World.default().markets  # the default world's markets and their shares
 DEVICES = {"ios": 0.3, "android": 0.35, "web": 0.1, "desktop": 0.12, "car": 0.05, "speaker": 0.08}
 NETWORKS = {"wifi": 0.6, "cellular": 0.35, "ethernet": 0.05}
 SEGMENTS = {"premium": 0.45, "family": 0.1, "student": 0.05, "free": 0.4}
@@ -53,7 +52,6 @@ SERVICES = {  # nominal p95 latency (ms), error rate, requests/s per instance
     "ad_server": (80, 0.004, 500),
     "content_catalog": (50, 0.001, 700),
 }
-BEHAVIOR = World.default().behavior  # event type -> weight, for an ordinary listener (the default world)
 CITY = {"US": ["iad", "ord", "sjc"], "BR": ["gru", "gig", "poa"], "GB": ["lhr", "man", "edi"],
         "DE": ["fra", "ber", "muc"], "JP": ["nrt", "kix", "fuk"], "MX": ["mex", "gdl", "mty"]}
 
