@@ -6,7 +6,10 @@ CLI for the worker, tests for their own), and registers the agents of :mod:`agen
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +23,8 @@ from soundcheck.ingest.contracts import Contract, load_contracts
 from soundcheck.kafka.security import faust_credentials
 from soundcheck.metrics import WorkerMetrics
 from soundcheck.settings import Settings
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -58,10 +63,51 @@ class _Consumer(faust_aiokafka.Consumer):
         return _ConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
 
+class _Producer(faust_aiokafka.Producer):
+    """faust-streaming's producer with a flush that waits for everything sent before it.
+
+    Table changelog writes go through Faust's send buffer, and an offset commit flushes the
+    producer first; but faust-streaming 0.15's ``ProducerBuffer.flush`` returns as soon as 0.1 s
+    pass without a message leaving the buffer (``flush_atmost``), and a message taken out of the
+    buffer is not yet in aiokafka's. A commit could then go to the broker ahead of the table
+    changes of the records it commits, and a ``kill -9`` right after it lose those changes for
+    good (a held alert never released, measured in tests/test_crash_recovery.py). Here the buffer
+    is drained until empty and nothing is still being handed over, then aiokafka flushes.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.handing_over = 0
+        handover = self.buffer._send_pending  # the buffer's task binds it when it starts, after this
+
+        async def counted(fut: Any) -> None:
+            self.handing_over += 1
+            try:
+                await handover(fut)
+            finally:
+                self.handing_over -= 1
+
+        self.buffer._send_pending = counted  # type: ignore[method-assign]
+
+    async def flush(self) -> None:
+        waited = time.monotonic()
+        while self.buffer.size or self.handing_over:
+            if self.buffer.size:
+                await self.buffer.flush()
+            else:
+                await asyncio.sleep(0.002)
+            if time.monotonic() - waited > 10.0:
+                log.warning("producer flush: %d messages still in Faust's send buffer after 10 s", self.buffer.size)
+                waited = time.monotonic()
+        await super().flush()
+
+
 class Transport(faust_aiokafka.Transport):
-    """faust-streaming's aiokafka transport with :data:`FETCH_MAX_WAIT_MS` for its consumer."""
+    """faust-streaming's aiokafka transport with :data:`FETCH_MAX_WAIT_MS` for its consumer and a
+    producer whose flush (before every offset commit) waits for the tables' changelog writes."""
 
     Consumer = _Consumer
+    Producer = _Producer
 
 
 def broker_urls(bootstrap: str) -> list[str]:
@@ -140,11 +186,45 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
         import logging
         import signal
 
+        def awaiting(task: asyncio.Task) -> list[str]:
+            """The chain of awaits a suspended task waits in (``Task.print_stack`` shows only its
+            outermost frame), outermost first."""
+            lines, coro, seen = [], task.get_coro(), 0
+            while coro is not None and seen < 40:
+                frame = getattr(coro, "cr_frame", None) or getattr(coro, "gi_frame", None) or getattr(coro, "ag_frame", None)
+                if frame is not None:
+                    lines.append(f"  {frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}")
+                coro = getattr(coro, "cr_await", None) or getattr(coro, "gi_yieldfrom", None) or getattr(coro, "ag_await", None)
+                seen += 1
+            if coro is not None:
+                lines.append(f"  waiting for {coro!r}"[:300])
+            return lines
+
+        def consumer_state() -> None:
+            """Which partitions Faust's consumer fetches, and how far it has committed (its private
+            state, read for diagnosis only)."""
+            consumer = app.consumer
+            logging.getLogger("soundcheck.tasks").warning(
+                "faust consumer: assigned %s; active %s; paused %s; buffered (stream queue full) %s; in recovery %s",
+                sorted(map(tuple, consumer.assignment())), sorted(map(tuple, consumer._active_partitions or ())),
+                sorted(map(tuple, consumer._paused_partitions)), sorted(map(tuple, consumer._buffered_partitions)), app.in_recovery)
+            for tp in sorted(consumer.assignment()):
+                if tp.topic in (settings.topics.anomalies, settings.topics.aggregates, settings.topics.fraud):
+                    acked = consumer._acked.get(tp) or []
+                    logging.getLogger("soundcheck.tasks").warning(
+                        "faust consumer %s: committed %s read %s; %d acked offsets not committed (%s..%s); gaps %s",
+                        tuple(tp), consumer._committed_offset.get(tp), consumer._read_offset.get(tp), len(acked),
+                        min(acked) if acked else None, max(acked) if acked else None, sorted(consumer._gap.get(tp) or [])[:5])
+
         def dump() -> None:
+            try:
+                consumer_state()
+            except Exception as exc:  # faust-streaming's internals moved: the task stacks still help
+                logging.getLogger("soundcheck.tasks").warning("faust consumer state not read: %s: %s", type(exc).__name__, exc)
             for task in asyncio.all_tasks():
                 buf = io.StringIO()
-                task.print_stack(limit=12, file=buf)
-                logging.getLogger("soundcheck.tasks").warning("task %s:\n%s", task.get_name(), buf.getvalue())
+                task.print_stack(limit=4, file=buf)
+                logging.getLogger("soundcheck.tasks").warning("task %s:\n%s\n%s", task.get_name(), buf.getvalue(), "\n".join(awaiting(task)))
 
         try:
             asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, dump)
