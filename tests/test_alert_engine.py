@@ -83,6 +83,33 @@ def test_the_root_alert_inhibits_the_children_it_explains_until_it_resolves(engi
     assert released["released_from"]["by"].startswith("inhibited_by:")
 
 
+def test_one_tick_that_jumps_far_gives_what_ticking_window_by_window_gives(settings):
+    """A worker that restarted (or reads a backlog) ticks in bursts: the root still resolves, and
+    releases the child it held, before that child resolves, as when the clock moves window by window."""
+    pop = {"region": "BR", "cdn_pop": "gru1"}
+    region = {"region": "BR"}
+    events = []
+    for t in range(0, 100, 10):  # both degrade, then the root recovers and the child goes on a while
+        events.append((t * S, anomaly(t * S, node="cdn", entity=pop, kind="audio_quality_degradation", detector="audio.baseline")))
+    for t in range(0, 150, 10):
+        events.append((t * S, anomaly(t * S, node="audio_streaming", entity=region, kind="audio_quality_degradation", detector="audio.baseline")))
+    events.sort(key=lambda e: e[0])
+    end = (150 + settings.windows.resolve_after_s + 60) * S
+
+    def notifications(jump):
+        eng = AlertEngine(settings, ServiceGraph(settings.services), {}, {}, {})
+        out = run(eng, events)
+        ticks = [end] if jump else range(150 * S, end + 1, 10 * S)
+        for t in ticks:
+            out += eng.on_tick("BR", t, t)
+        return [(n["notification"], n["entity"]) for n in out]
+
+    stepped, jumped = notifications(False), notifications(True)
+    assert ("released", region) in stepped and ("resolved", region) in stepped
+    assert stepped.index(("released", region)) < stepped.index(("resolved", region))
+    assert jumped == stepped
+
+
 def test_a_silence_holds_matching_alerts_and_releases_them_when_it_ends(settings):
     control = {"maint": {"id": "maint", "matchers": {"region": "BR", "service": "cdn"}, "starts_at": 0, "ends_at": 120 * S}}
     engine = AlertEngine(settings, ServiceGraph(settings.services), {}, {}, control)
