@@ -16,6 +16,9 @@ notifies them again:
 * ``soundcheck-control``, a global table of silences, written by the control agent from the
   ``soundcheck.control`` topic and read by every worker.
 * ``soundcheck-outbox``, keyed by anomalies partition: the notifications being sent.
+* ``soundcheck-clock``, keyed by anomalies partition: its event-time clock (each source's last
+  tick, the time last acted on), so that a worker taking the partition on goes on where its last
+  owner was instead of waiting for every source to tick again.
 
 Sending, so that a crash neither loses nor repeats a notification: the table changes behind a
 batch of notifications and the batch itself (in the outbox) are put on the broker first; then the
@@ -34,6 +37,7 @@ what went quiet and send the groups that are due.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Any, Mapping
@@ -65,8 +69,9 @@ def partition_of(key: str, partitions: int) -> int:
 def register(app: faust.App, ctx: Any) -> None:
     settings, m = ctx.settings, ctx.metrics
     partitions = settings.kafka.partitions
-    dedup_name, incidents_name, control_name, outbox_name = TABLES  # their changelogs are created with the topics
+    dedup_name, incidents_name, control_name, outbox_name, clock_name = TABLES  # their changelogs are created with the topics
     dedup = app.Table(dedup_name, default=None, partitions=partitions)
+    clock_table = app.Table(clock_name, default=None, partitions=partitions)  # str(anomalies partition) -> its clock (on_tick)
     outbox = app.Table(outbox_name, default=None, partitions=partitions)  # str(anomalies partition) -> notifications being sent
     scopes = app.Table(incidents_name, default=None, partitions=partitions)
     control = app.GlobalTable(control_name, default=None, partitions=partitions)
@@ -75,9 +80,30 @@ def register(app: faust.App, ctx: Any) -> None:
     ctx.engine = engine
     alerts_topic, anomalies_topic, dlq = ctx.topics["alerts"], ctx.topics["anomalies"], ctx.topics["dead_letter"]
     decisions_topic = ctx.topics["decisions"]
+    # the clock of each anomalies partition, kept in clock_table so that a worker taking a partition
+    # on goes on with the clock its last owner had (else it would wait for every source to tick
+    # again, and anomalies taken late the first time would be taken in time, or the other way round)
     clocks: dict[int, dict[tuple[str, int], tuple[int, float]]] = {}  # partition -> (stream, source) -> (event time, wall time)
     first_tick: dict[int, float] = {}
     moved: dict[int, int] = {}  # partition -> the clock last acted on
+
+    def load_clock(partition: int) -> dict[tuple[str, int], tuple[int, float]]:
+        """This partition's clock, from the table the first time this worker sees it; its sources
+        count as heard from now (each ticks again soon)."""
+        if partition not in clocks:
+            saved = clock_table.get(str(partition)) or {}
+            wall = time.time()
+            clocks[partition] = {(k.rsplit(":", 1)[0], int(k.rsplit(":", 1)[1])): (int(t), wall)
+                                 for k, t in (saved.get("sources") or {}).items()}
+            if saved.get("moved") is not None:
+                moved[partition] = int(saved["moved"])
+            if clocks[partition]:
+                first_tick[partition] = wall
+        return clocks[partition]
+
+    def save_clock(partition: int) -> None:
+        clock_table[str(partition)] = {"sources": {f"{stream}:{src}": t for (stream, src), (t, _) in clocks[partition].items()},
+                                       "moved": moved.get(partition)}
 
     def stage2_partitions() -> tuple[int, int]:
         """The partition counts of the aggregates and fraud topics."""
@@ -130,20 +156,15 @@ def register(app: faust.App, ctx: Any) -> None:
         for tp in revoked:
             if tp.topic == settings.topics.anomalies:
                 sent_ids.pop(tp.partition, None)  # taken on again, should it come back
+                for local in (clocks, first_tick, moved):  # read again from clock_table then
+                    local.pop(tp.partition, None)
 
     app.on_partitions_revoked.connect(on_revoked)
 
     async def drain(timeout: float = 60.0) -> None:
-        """Everything produced so far on the broker: faust-streaming's ``producer.flush()`` gives
-        up on its send buffer (the tables' changelog writes) after 0.1 s without progress, so it
-        is drained here until empty, then aiokafka's own buffer is flushed."""
-        deadline = time.monotonic() + timeout
-        buffer = getattr(app.producer, "buffer", None)
-        while buffer is not None and buffer.size:
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the producer's send buffer did not drain within {timeout} s ({buffer.size} left)")
-            await buffer.flush()
-        await app.producer.flush()
+        """Everything produced so far on the broker (the tables' changelog writes included: the
+        app's producer flush waits for Faust's send buffer, :class:`streams.app._Producer`)."""
+        await asyncio.wait_for(app.producer.flush(), timeout)
 
     async def send(partition: int, notes: list[dict[str, Any]]) -> None:
         sent = sent_ids.setdefault(partition, set())
@@ -197,8 +218,12 @@ def register(app: faust.App, ctx: Any) -> None:
         every stage-2 partition has ticked (:func:`all_ticked`) (each sends its anomalies before its ticks, so every
         anomaly up to the clock is here); a source silent for a minute of wall time stops counting."""
         wall = time.time()
-        sources = clocks.setdefault(partition, {})
-        sources[(str(doc["tick"]), int(doc.get("source", -1)))] = (int(doc["event_time"]), wall)
+        sources = load_clock(partition)
+        key = (str(doc["tick"]), int(doc.get("source", -1)))
+        if int(doc["event_time"]) < sources.get(key, (-(2**62), 0.0))[0]:
+            return []  # read again after a restart: this source's clock is past it
+        sources[key] = (int(doc["event_time"]), wall)
+        save_clock(partition)
         if not all_ticked(sources) and wall - first_tick.setdefault(partition, wall) < STREAM_SILENT_S:
             return []
         live = {key: t for key, (t, seen) in sources.items() if wall - seen < STREAM_SILENT_S}
@@ -211,6 +236,7 @@ def register(app: faust.App, ctx: Any) -> None:
         if now <= moved.get(partition, -(2**62)):
             return []  # the slowest source has not moved: nothing is due
         moved[partition] = now
+        save_clock(partition)
         notes: list[dict[str, Any]] = []
         for scope in [k for k in list(scopes.keys()) if partition_of(k, partitions) == partition]:
             notes += engine.on_tick(scope, now, int(wall * 1000))

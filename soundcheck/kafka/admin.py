@@ -25,7 +25,7 @@ def snapshot_topic(settings: Settings) -> str:
     return settings.kafka.app_id + SNAPSHOT_SUFFIX
 
 
-TABLES = ("soundcheck-dedup", "soundcheck-incidents", "soundcheck-control", "soundcheck-outbox")  # the worker's Faust tables
+TABLES = ("soundcheck-dedup", "soundcheck-incidents", "soundcheck-control", "soundcheck-outbox", "soundcheck-clock")  # the worker's Faust tables
 
 
 def changelog_topics(settings: Settings) -> list[str]:
