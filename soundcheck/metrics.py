@@ -54,6 +54,10 @@ class WorkerMetrics:
             "soundcheck_late_events", "Records that arrived after their event-time window closed (left out of detection)",
             ["stream"], registry=registry,
         )
+        self.partition_rewinds = Counter(
+            "soundcheck_partition_rewinds", "Faust partitions read again because their commit waited on records never "
+            "handed to the agent (agents/watchdog.py), by topic", ["topic"], registry=registry,
+        )
         self.anomalies = Counter("soundcheck_anomalies", "Anomalies found, by detector", ["detector"], registry=registry)
         self.anomalies_handled = Counter(
             "soundcheck_anomalies_handled", "Anomalies through the alerting agent (alerted or folded into one)", registry=registry

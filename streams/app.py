@@ -170,13 +170,14 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
     ctx.topics["control"] = app.topic(t.control, **raw)
     ctx.topics["decisions"] = app.topic(t.decisions, partitions=k.partitions, **raw)
 
-    from agents import alerting, detect, ingest, web  # the agents are thin wiring over soundcheck.*
+    from agents import alerting, detect, ingest, watchdog, web  # the agents are thin wiring over soundcheck.*
 
     detect.register_snapshots(app, ctx)
     ingest.register(app, ctx)
     detect.register(app, ctx)
     alerting.register(app, ctx)
     web.register(app, ctx)
+    watchdog.register(app, ctx)
 
     @app.task
     async def stack_dumps() -> None:
