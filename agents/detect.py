@@ -347,9 +347,6 @@ class SnapshotKeeper:
                 raise snapshots.SnapshotRejected("corrupt", f"key {stream}:{partition} holds {header.get('stream')}:{header.get('partition')}")
             proc = pp.new_processor()
             snapshots.restore_stage(proc, state)
-            now = time.time()
-            for st in (proc.values() if isinstance(proc, dict) else [proc]):
-                st.progress.resumed(now)  # its input partitions' wall times were the last owner's
         except snapshots.SnapshotRejected as exc:
             self._reject(stream, exc)
             return False

@@ -47,24 +47,6 @@ class SourceProgress:
         self.expected = 0  # the input topic's partition count, as stage 1 says it
         self.first_seen: Optional[float] = None
 
-    def resumed(self, now: Optional[float] = None) -> None:
-        """Restored from a snapshot in another process: every partition counts as heard from
-        ``now``. Its wall times are the last owner's, older than ``idle_s`` after a failover, and
-        would take every partition for idle and move the watermark to the furthest one at once,
-        leaving the partials of the others (re-sent by stage 1, or still on their way) late.
-
-        >>> sp = SourceProgress(idle_s=10)
-        >>> sp.update(0, 20_000, now=0.0); sp.update(1, 10_000, now=0.0)
-        >>> sp.watermark(now=30.0)
-        20000
-        >>> sp.resumed(now=30.0); sp.watermark(now=30.0)
-        10000
-        """
-        now = time.time() if now is None else now
-        self.marks = {p: (c, now) for p, (c, _) in self.marks.items()}
-        if self.first_seen is not None:
-            self.first_seen = now
-
     def update(self, partition: int, closed_until: int, now: Optional[float] = None, of: Optional[int] = None) -> None:
         now = time.time() if now is None else now
         if of:
