@@ -3,7 +3,7 @@
 import pytest
 
 from soundcheck.alerting.engine import AlertEngine
-from soundcheck.alerting.correlate import ServiceGraph
+from soundcheck.alerting.correlate import ServiceGraph, fingerprint
 from soundcheck.detectors.base import Anomaly
 from soundcheck.detectors.baseline import Signal
 
@@ -227,3 +227,39 @@ def test_a_notification_id_names_its_decision(settings):
     first = ids()
     assert len(first) == 2 and len(set(first)) == 2  # new, resolved
     assert ids() == first
+
+
+def fraud(t, user, artists, device):
+    links = [f"artist:{a}" for a in artists] + [f"device:{device}", "country:SE"]
+    return Anomaly("streaming_fraud", "behavior.fraud", {"user_id": user}, "SE", "streaming_fraud",
+                   [Signal("fraud_probability", 0.97, 0.5, 9.0, None, t)], 0.97, t, t - 60 * S, "user_behavior_events",
+                   sampled_users=1, details={"links": links, "top_artists": artists}, scope="fraud")
+
+
+def test_a_fraud_farm_is_one_notification_named_by_what_ties_it_whatever_the_order(settings):
+    """The farm's fingerprint comes from the artist its accounts share (their most played), not
+    from which account's anomaly came first: a replay that sees them in another order, or in other
+    batches, names the same farm."""
+    accounts = [("u1", ["zz-farm", "aa-other"], "d1"), ("u2", ["zz-farm"], "d2"), ("u3", ["zz-farm", "bb-x"], "d3")]
+
+    def farm_notes(order, batches):
+        engine = AlertEngine(settings, ServiceGraph(settings.services), {}, {}, {})
+        out, t = [], 0
+        for batch in batches:
+            for i in batch:
+                user, artists, device = accounts[order[i]]
+                out += engine.on_anomaly(fraud(t * S, user, artists, device), 0)
+            out += engine.on_tick("fraud", t * S, 0)
+            t += 10
+        for t in range(t, t + 900, 10):
+            out += engine.on_tick("fraud", t * S, 0)
+        return [n for n in out if n["kind"] == "streaming_fraud"]
+
+    a = farm_notes([0, 1, 2], [[0], [1, 2]])
+    b = farm_notes([2, 1, 0], [[0, 1, 2]])
+    for notes in (a, b):
+        assert {n["fingerprint"] for n in notes} == {fingerprint("streaming_fraud", "behavior.fraud", {"fraud_farm": "artist:zz-farm"})}
+        assert {n["entity"]["fraud_farm"] for n in notes} == {"artist:zz-farm"}
+        firing = [n for n in notes if n["status"] == "firing"]
+        assert {e["user_id"] for e in firing[-1]["details"]["accounts"]} == {"u1", "u2", "u3"}
+        assert [n["status"] for n in notes].count("resolved") == 1

@@ -20,6 +20,12 @@ What happens to an anomaly:
    with ``released_from`` saying what held it;
 4. a fingerprint with no anomaly for ``resolve_after_s`` (keep-firing-for: a flapping signal
    stays one firing alert) is resolved: a ``status: resolved`` notification with ``ends_at``.
+
+A fraud farm (streaming-fraud accounts that share an artist, a device or a country, one
+incident by :func:`soundcheck.alerting.correlate.correlate_step`) is one notification, not one per
+account: its fingerprint names the incident, it lists the accounts and what ties them, goes out
+again (``notification: updated``) when accounts join or its severity rises, and resolves once its
+last account has.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from typing import Any, Mapping, MutableMapping, Optional
 import orjson
 
 from soundcheck.alerting.correlate import ServiceGraph, alert_step, dedup_sweep_due, expired, fingerprint
+from soundcheck.alerting.classify import SEVERITY_RANK
 from soundcheck.alerting.silences import SilenceError, known_labels, silence_matches, validate
 from soundcheck.detectors.base import Anomaly
 from soundcheck.settings import Settings, SettingsError
@@ -66,6 +73,29 @@ def notification_id(alert: Mapping[str, Any], now: int) -> str:
     """
     key = "|".join(str(alert.get(k)) for k in ("fingerprint", "status", "notification", "severity", "occurrences"))
     return str(uuid.uuid5(_ALERT_IDS, f"{key}|{int(now)}"))
+
+
+def farm_tie(alerts: list[Mapping[str, Any]]) -> Optional[str]:
+    """What names a fraud farm: the link (``artist:<id>``, ``device:<hash>``) most of its first
+    accounts share, countries only when nothing else is shared; among equals the one earliest in
+    an account's list (its most played artist), then by text. It
+    depends only on which accounts the farm's first notification lists, not on the order their
+    anomalies arrived in (the incident id does), so a replay of the same input names the farm as
+    the worker did.
+
+    >>> farm_tie([{"details": {"links": ["artist:a9", "device:1", "country:SE"]}},
+    ...           {"details": {"links": ["artist:a9", "device:2", "country:SE"]}}])
+    'artist:a9'
+    """
+    counts: dict[str, int] = {}
+    rank: dict[str, int] = {}  # a link's best place in an account's list (its most played artist first)
+    for a in alerts:
+        for i, link in enumerate(dict.fromkeys((a.get("details") or {}).get("links") or ())):
+            counts[link] = counts.get(link, 0) + 1
+            rank[link] = min(rank.get(link, i), i)
+    if not counts:
+        return None
+    return min(counts, key=lambda x: (x.startswith("country:"), -counts[x], rank[x], x))
 
 
 class AlertEngine:
@@ -263,6 +293,14 @@ class AlertEngine:
                 group["alerts"].pop(fp, None)
             held = st.get("held", {}).pop(fp, None)
             silenced = bool(held) and str(held.get("by", "")).startswith("silence:")
+            if state.get("farm") and not held:  # an account of a farm: the farm resolves once, with its last account
+                note = self._farm_resolved(st, fp, state["farm"], last, now, emitted_at)
+                if note is not None:
+                    out.append(note)
+                    self.stats["resolved"] += 1
+                self._decide("resolved", fp, now, state.get("last_alert"), ends_at=last, notified=note is not None,
+                             farm=note["fingerprint"] if note else None)
+                continue
             # only what was sent is resolved; a silenced one too (the pager closes its incident) if so configured
             if state.get("last_alert") and state.get("sent") and (not held or (silenced and self.send_resolved_when_silenced)):
                 out.append(self._resolved(state, last, now, emitted_at))
@@ -315,6 +353,7 @@ class AlertEngine:
             if rc.get("confidence", 0) >= self.inhibit_confidence:
                 root_fp = rc.get("fingerprint")
         out = []
+        farm_members: list[tuple[str, dict[str, Any]]] = []
         silences = self._silences()
         for fp, alert in batch:
             silence = next((s for s in silences if silence_matches(s, alert, now)), None)
@@ -332,6 +371,9 @@ class AlertEngine:
                 self.stats["inhibited"] += 1
                 self._decide("inhibited", fp, now, alert, by_fingerprint=root_fp, root_node=root_member["node"])
                 continue
+            if alert.get("kind") == "streaming_fraud" and incident and incident.get("links"):
+                farm_members.append((fp, alert))  # one notification for the farm, below
+                continue
             alert = dict(alert)
             if incident:  # the latest view of the incident, as of sending
                 alert["related"] = sorted(f for f in incident["members"] if f != fp)
@@ -346,7 +388,89 @@ class AlertEngine:
             out.append(alert)
             self._decide("notified", fp, now, alert, incident_id=inc, group_size=len(batch),
                          notification=alert.get("notification"), alert_id=alert["alert_id"])
+        if farm_members:
+            note = self._farm(st, inc, incident or {}, farm_members, now, emitted_at)
+            if note is not None:
+                out.append(note)
         return out
+
+    def _farm(self, st: dict[str, Any], inc: str, incident: Mapping[str, Any], members: list[tuple[str, dict[str, Any]]],
+              now: int, emitted_at: int) -> Optional[dict[str, Any]]:
+        """The farm's notification for the accounts of this batch (see the module doc), if it has
+        news: its first, accounts that joined, or a higher severity."""
+        farms = st.setdefault("farms", {})
+        farm = farms.get(inc)
+        if farm is None:
+            tie = farm_tie([a for _, a in members]) or inc
+            farm = farms[inc] = {"fingerprint": fingerprint("streaming_fraud", "behavior.fraud", {"fraud_farm": tie}), "tie": tie,
+                                 "accounts": {}, "open": [], "severity": None, "last": None,
+                                 "first": min(a.get("starts_at") or a["event_time"] for _, a in members)}
+        joined = [fp for fp, _ in members if fp not in farm["accounts"]]
+        for fp, alert in members:
+            farm["accounts"][fp] = dict(alert["entity"])
+            if fp not in farm["open"]:
+                farm["open"].append(fp)
+            state = self._get_dedup(fp)
+            if state is not None:
+                state["sent"], state["farm"] = True, inc
+                self.dedup[fp] = state
+        best = max((a for _, a in members), key=lambda a: (SEVERITY_RANK.get(a["severity"], 0), a.get("score", 0)))
+        if farm["severity"] is not None and not joined and SEVERITY_RANK.get(best["severity"], 0) <= SEVERITY_RANK.get(farm["severity"], 0):
+            for fp, alert in members:
+                self._decide("deduplicated", fp, now, alert, farm=farm["fingerprint"], reason="the farm's notification already lists it")
+            return None
+        kind = "new" if farm["severity"] is None else "updated"
+        severity = best["severity"] if farm["severity"] is None else max(best["severity"], farm["severity"], key=lambda x: SEVERITY_RANK.get(x, 0))
+        priority = min([best["priority"]] + ([farm["last"]["priority"]] if farm["last"] else []))
+        accounts = [farm["accounts"][fp] for fp in sorted(farm["accounts"])]
+        links = list(incident.get("links", ()))
+        ties = [x for x in links if not x.startswith("country:")][:6] + [x for x in links if x.startswith("country:")][:4]
+        artists = [x.split(":", 1)[1] for x in links if x.startswith("artist:")]
+        note = {
+            **best,
+            "fingerprint": farm["fingerprint"],
+            "severity": severity,
+            "priority": priority,
+            "title": f"[{priority}] streaming fraud farm: {len(accounts)} accounts" + (f", artist {artists[0]}" if artists else ""),
+            "summary": f"streaming fraud farm: {len(accounts)} accounts that share " + ", ".join(ties) + ".",
+            "entity": {"fraud_farm": farm.get("tie", inc)},
+            "related": [],
+            "root_cause": incident.get("root_cause"),
+            "notification": kind,
+            "starts_at": farm["first"],
+            "last_seen": max(a.get("last_seen", a["event_time"]) for _, a in members),
+            "occurrences": len(accounts),
+            # the news it carries, not when the group went out: its first account, or the last to join
+            "event_time": (min(a["event_time"] for _, a in members) if kind == "new"
+                           else max(a["event_time"] for fp, a in members if fp in joined or not joined)),
+            "details": {"accounts": accounts, "joined": [farm["accounts"][fp] for fp in joined], "links": links[:40],
+                        "example": best.get("details", {})},
+            "group": {"incident_id": inc, "size": len(members)},
+            "emitted_at": emitted_at,
+        }
+        note["alert_id"] = notification_id(note, now)
+        farm.update(severity=severity, last={k: v for k, v in note.items() if k != "details"} | {"details": {"accounts": accounts}})
+        for fp, alert in members:
+            self._decide("notified", fp, now, alert, incident_id=inc, farm=farm["fingerprint"], notification=kind,
+                         alert_id=note["alert_id"])
+        return note
+
+    def _farm_resolved(self, st: dict[str, Any], fp: str, inc: str, ends_at: int, now: int, emitted_at: int) -> Optional[dict[str, Any]]:
+        """One account of a farm resolved: the farm's resolved notification once it was the last."""
+        farm = st.get("farms", {}).get(inc)
+        if not farm:
+            return None
+        if fp in farm["open"]:
+            farm["open"].remove(fp)
+        if farm["open"] or not farm.get("last"):
+            return None
+        del st["farms"][inc]
+        note = dict(farm["last"])
+        note.update({"status": "resolved", "notification": "resolved", "ends_at": ends_at, "last_seen": ends_at,
+                     "emitted_at": emitted_at, "title": note["title"].replace("] ", "] resolved: ", 1)})
+        note.pop("group", None)
+        note["alert_id"] = notification_id(note, now)
+        return note
 
     def _hold(self, st: dict[str, Any], fp: str, by: str, now: int) -> None:
         held = st.setdefault("held", {})
