@@ -249,6 +249,14 @@ def cli_main(args: Any) -> int:
     except ValueError as exc:
         print(f"soundcheck eval scenarios: {exc}", file=sys.stderr)
         return 2
+    try:
+        broker_seeds = parse_seeds(args.broker) if getattr(args, "broker", None) else []
+    except ValueError as exc:
+        print(f"soundcheck eval scenarios: --broker: {exc}", file=sys.stderr)
+        return 2
+    if broker_seeds and not 1 <= args.partitions <= 64:
+        print(f"soundcheck eval scenarios: --partitions {args.partitions}: 1 to 64", file=sys.stderr)
+        return 2
     if getattr(args, "quiet_days", False) and args.quiet_duration < 60:
         print(f"soundcheck eval scenarios: --quiet-duration {args.quiet_duration}: at least 60 s", file=sys.stderr)
         return 2
@@ -265,6 +273,15 @@ def cli_main(args: Any) -> int:
         print()
         print(format_quiet(quiet))
         ok = ok and all(quiet["met"].values())
+    if broker_seeds:
+        from soundcheck.evaluation.broker_eval import evaluate_on_broker, format_broker
+
+        on_broker = evaluate_on_broker(settings, broker_seeds, world=world, rate=args.rate, duration_s=args.duration,
+                                       partitions=args.partitions, progress=progress)
+        rep["broker"] = on_broker
+        print()
+        print(format_broker(on_broker))
+        ok = ok and on_broker["all_same_as_offline"]
     if args.json:
         with open(args.json, "wb") as f:
             f.write(orjson.dumps(rep, option=orjson.OPT_INDENT_2))
