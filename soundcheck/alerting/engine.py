@@ -23,9 +23,11 @@ What happens to an anomaly:
 
 A fraud farm (streaming-fraud accounts that share an artist, a device or a country, one
 incident by :func:`soundcheck.alerting.correlate.correlate_step`) is one notification, not one per
-account: its fingerprint names the incident, it lists the accounts and what ties them, goes out
-again (``notification: updated``) when accounts join or its severity rises, and resolves once its
-last account has.
+account: its fingerprint names what ties it (:func:`farm_tie`, usually ``artist:<id>``), it lists
+the accounts (at most ``MAX_FARM_ACCOUNTS``, and how many there are) and the links two or more of
+them share, goes out again (``notification: updated``) when accounts join or its severity rises,
+and resolves once its last account has, silenced or not. Its decisions are logged under its own
+fingerprint too (``soundcheck why``).
 """
 
 from __future__ import annotations
@@ -75,13 +77,18 @@ def notification_id(alert: Mapping[str, Any], now: int) -> str:
     return str(uuid.uuid5(_ALERT_IDS, f"{key}|{int(now)}"))
 
 
+MAX_FARM_ACCOUNTS = 4 * 32  # accounts a farm's notification lists; more are counted (details.account_count)
+MAX_FARM_LINKS = 256  # distinct links a farm counts to tell which its accounts share
+
+
 def farm_tie(alerts: list[Mapping[str, Any]]) -> Optional[str]:
     """What names a fraud farm: the link (``artist:<id>``, ``device:<hash>``) most of its first
     accounts share, countries only when nothing else is shared; among equals the one earliest in
     an account's list (its most played artist), then by text. It
     depends only on which accounts the farm's first notification lists, not on the order their
     anomalies arrived in (the incident id does), so a replay of the same input names the farm as
-    the worker did.
+    the worker did. A farm is named once: if its first notification lists one account alone (the
+    others came more than a group wait later), that account's most played artist names it.
 
     >>> farm_tie([{"details": {"links": ["artist:a9", "device:1", "country:SE"]}},
     ...           {"details": {"links": ["artist:a9", "device:2", "country:SE"]}}])
@@ -293,13 +300,15 @@ class AlertEngine:
                 group["alerts"].pop(fp, None)
             held = st.get("held", {}).pop(fp, None)
             silenced = bool(held) and str(held.get("by", "")).startswith("silence:")
-            if state.get("farm") and not held:  # an account of a farm: the farm resolves once, with its last account
+            if state.get("farm"):  # an account of a farm (held later or not): the farm resolves once, with its last account
                 note = self._farm_resolved(st, fp, state["farm"], last, now, emitted_at)
                 if note is not None:
                     out.append(note)
                     self.stats["resolved"] += 1
                 self._decide("resolved", fp, now, state.get("last_alert"), ends_at=last, notified=note is not None,
                              farm=note["fingerprint"] if note else None)
+                if note is not None:
+                    self._decide("resolved", note["fingerprint"], now, note, ends_at=last, notified=True, last_account=fp)
                 continue
             # only what was sent is resolved; a silenced one too (the pager closes its incident) if so configured
             if state.get("last_alert") and state.get("sent") and (not held or (silenced and self.send_resolved_when_silenced)):
@@ -319,6 +328,10 @@ class AlertEngine:
             if self._still_held(hold, state.get("last_alert") or {}, now, st["open"][fp]):
                 continue
             del st["held"][fp]
+            if state.get("farm"):  # the farm's notification already lists the account
+                self._decide("released", fp, now, state.get("last_alert"), held_by=hold.get("by"), since=hold.get("since"),
+                             notified=False, farm=state["farm"])
+                continue
             state["sent"] = True
             self.dedup[fp] = state
             alert = {**state["last_alert"], "notification": "released", "emitted_at": emitted_at,
@@ -405,9 +418,18 @@ class AlertEngine:
             farm = farms[inc] = {"fingerprint": fingerprint("streaming_fraud", "behavior.fraud", {"fraud_farm": tie}), "tie": tie,
                                  "accounts": {}, "open": [], "severity": None, "last": None,
                                  "first": min(a.get("starts_at") or a["event_time"] for _, a in members)}
-        joined = [fp for fp, _ in members if fp not in farm["accounts"]]
+        joined = [fp for fp, _ in members if fp not in farm["accounts"] and fp not in farm.setdefault("uncounted", [])]
         for fp, alert in members:
-            farm["accounts"][fp] = dict(alert["entity"])
+            if fp in joined:
+                if len(farm["accounts"]) < MAX_FARM_ACCOUNTS:
+                    farm["accounts"][fp] = dict(alert["entity"])
+                else:  # counted, not listed (the notification and the table value stay bounded)
+                    farm["uncounted"] = (farm["uncounted"] + [fp])[-MAX_FARM_ACCOUNTS:]
+                    farm["more"] = farm.get("more", 0) + 1
+                links = farm.setdefault("links", {})
+                for link in set((alert.get("details") or {}).get("links") or ()):
+                    if link in links or len(links) < MAX_FARM_LINKS:
+                        links[link] = links.get(link, 0) + 1
             if fp not in farm["open"]:
                 farm["open"].append(fp)
             state = self._get_dedup(fp)
@@ -423,27 +445,32 @@ class AlertEngine:
         severity = best["severity"] if farm["severity"] is None else max(best["severity"], farm["severity"], key=lambda x: SEVERITY_RANK.get(x, 0))
         priority = min([best["priority"]] + ([farm["last"]["priority"]] if farm["last"] else []))
         accounts = [farm["accounts"][fp] for fp in sorted(farm["accounts"])]
-        links = list(incident.get("links", ()))
-        ties = [x for x in links if not x.startswith("country:")][:6] + [x for x in links if x.startswith("country:")][:4]
-        artists = [x.split(":", 1)[1] for x in links if x.startswith("artist:")]
+        n_accounts = len(accounts) + farm.get("more", 0)
+        tie = farm.get("tie", inc)
+        # what two or more of its accounts share, the tie first, countries last
+        counts = farm.get("links") or {}
+        shared = sorted((x for x, n in counts.items() if n >= 2), key=lambda x: (x != tie, x.startswith("country:"), -counts[x], x))
+        ties = (shared or [tie])[:8]
+        named = tie.replace(":", " ", 1) if not tie.startswith("inc-") else ""
         note = {
             **best,
             "fingerprint": farm["fingerprint"],
             "severity": severity,
             "priority": priority,
-            "title": f"[{priority}] streaming fraud farm: {len(accounts)} accounts" + (f", artist {artists[0]}" if artists else ""),
-            "summary": f"streaming fraud farm: {len(accounts)} accounts that share " + ", ".join(ties) + ".",
-            "entity": {"fraud_farm": farm.get("tie", inc)},
+            "title": f"[{priority}] streaming fraud farm: {n_accounts} accounts" + (f", {named}" if named else ""),
+            "summary": f"streaming fraud farm: {n_accounts} accounts that share " + ", ".join(ties) + ".",
+            "entity": {"fraud_farm": tie},
             "related": [],
             "root_cause": incident.get("root_cause"),
             "notification": kind,
             "starts_at": farm["first"],
             "last_seen": max(a.get("last_seen", a["event_time"]) for _, a in members),
-            "occurrences": len(accounts),
+            "occurrences": n_accounts,
             # the news it carries, not when the group went out: its first account, or the last to join
             "event_time": (min(a["event_time"] for _, a in members) if kind == "new"
                            else max(a["event_time"] for fp, a in members if fp in joined or not joined)),
-            "details": {"accounts": accounts, "joined": [farm["accounts"][fp] for fp in joined], "links": links[:40],
+            "details": {"accounts": accounts, "account_count": n_accounts,
+                        "joined": [farm["accounts"][fp] for fp in joined if fp in farm["accounts"]], "links": shared[:40],
                         "example": best.get("details", {})},
             "group": {"incident_id": inc, "size": len(members)},
             "emitted_at": emitted_at,
@@ -453,6 +480,8 @@ class AlertEngine:
         for fp, alert in members:
             self._decide("notified", fp, now, alert, incident_id=inc, farm=farm["fingerprint"], notification=kind,
                          alert_id=note["alert_id"])
+        self._decide("notified", farm["fingerprint"], now, note, incident_id=inc, notification=kind, alert_id=note["alert_id"],
+                     accounts=n_accounts, joined=len(joined))
         return note
 
     def _farm_resolved(self, st: dict[str, Any], fp: str, inc: str, ends_at: int, now: int, emitted_at: int) -> Optional[dict[str, Any]]:

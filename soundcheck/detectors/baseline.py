@@ -291,7 +291,7 @@ class RobustBaseline:
                 f.run += 1
                 f.run_since = ts if f.run == 1 else f.run_since
                 f.far_run = f.far_run + 1 if far else 0
-            confirmed = deviating and (f.open_since is not None or f.run >= self.confirm(name, breach=limit is not None)
+            confirmed = deviating and (f.open_since is not None or f.run >= self.confirm(name, breach=limit is not None and not chronic)
                                        or (f.far_run > 0 and f.far_run >= self.confirm(name, far=True)))
             if (confirmed and f.open_since is None) or (not deviating and was_running):
                 # ... and count a run once it is over (opened, or back to normal), so that a run

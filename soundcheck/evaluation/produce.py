@@ -60,13 +60,14 @@ async def produce(
         for sec in span:
             t = sim.start_ms + sec * 1000
             for b in sim.tick(t):
-                if keying == "natural" or any(isinstance(r, (bytes, bytearray)) for r in b.records):
+                if keying == "natural":
                     parts = [(b.key, b)]
-                else:  # group the batch's records by the key their producer gives them
-                    keyed: dict[Optional[str], list] = {}
+                else:  # group the batch's records by the key their producer gives them (malformed ones: the batch's)
+                    keyed: dict[tuple[bool, Optional[str]], list] = {}
                     for r in b.records:
-                        keyed.setdefault(route_key(b.stream, r, b.key, keying), []).append(r)
-                    parts = [(k, dataclasses.replace(b, records=recs)) for k, recs in keyed.items()]
+                        raw = isinstance(r, (bytes, bytearray))
+                        keyed.setdefault((raw, b.key if raw else route_key(b.stream, r, b.key, keying)), []).append(r)
+                    parts = [(k, dataclasses.replace(b, records=recs)) for (_, k), recs in keyed.items()]
                 for key, part in parts:
                     for value in encode(part, batch):
                         pending.append(await producer.send(topics[b.stream], value, key=None if key is None else key.encode()))

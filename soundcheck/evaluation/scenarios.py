@@ -277,7 +277,7 @@ def cli_main(args: Any) -> int:
         from soundcheck.evaluation.broker_eval import evaluate_on_broker, format_broker
 
         on_broker = evaluate_on_broker(settings, broker_seeds, world=world, rate=args.rate, duration_s=args.duration,
-                                       partitions=args.partitions, progress=progress)
+                                       magnitude=args.magnitude, partitions=args.partitions, progress=progress)
         rep["broker"] = on_broker
         print()
         print(format_broker(on_broker))
