@@ -281,7 +281,7 @@ def cli_main(args: Any) -> int:
         rep["broker"] = on_broker
         print()
         print(format_broker(on_broker))
-        ok = ok and on_broker["all_same_as_offline"]
+        ok = ok and on_broker["all_same_anomalies"]
     if args.json:
         with open(args.json, "wb") as f:
             f.write(orjson.dumps(rep, option=orjson.OPT_INDENT_2))
