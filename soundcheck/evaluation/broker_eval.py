@@ -71,7 +71,7 @@ def run_seed_on_broker(settings: Settings, bootstrap: str, sim: Simulator, *, pa
         worker.wait_for(lambda: worker.metric_sum("soundcheck_events_in_total") >= valid
                         and worker.metric_sum("soundcheck_dead_letters_total") >= truth["produced_malformed"],
                         900, "the worker to read every record")
-        worker.wait_for(lambda: _drained(worker), 300, "the last windows to close and their anomalies to be alerted")
+        worker.wait_for(worker.drained, 300, "the last windows to close and their anomalies to be alerted")
         n = _settled(worker, "soundcheck_alerts_total", quiet_s=10.0, timeout=120.0)
         records = asyncio.run(read_topic(bootstrap, topics["alerts"], until=lambda r: len(r) >= n, timeout=120,
                                          client=s.kafka_client()))
@@ -111,14 +111,6 @@ def _settled(worker: WorkerProcess, metric: str, *, quiet_s: float, timeout: flo
         elif time.monotonic() - since >= quiet_s:
             break
     return last
-
-
-def _drained(worker: WorkerProcess) -> bool:
-    m = worker.metrics()
-    emitted = sum(v for k, v in m.items() if k.startswith("soundcheck_anomalies_total"))
-    handled = sum(v for k, v in m.items() if k.startswith("soundcheck_anomalies_handled_total"))
-    pending = sum(v for k, v in m.items() if k.startswith("soundcheck_open_windows"))
-    return pending == 0 and handled >= emitted
 
 
 def evaluate_on_broker(
