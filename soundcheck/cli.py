@@ -140,6 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     es.add_argument("--rate", type=float, default=150.0)
     es.add_argument("--duration", type=int, default=900)
     es.add_argument("--magnitude", type=float, default=1.0)
+    es.add_argument("--broker", metavar="SEEDS",
+                    help="also run these seeds (e.g. 100-102) through a real worker and broker (KAFKA_BOOTSTRAP_SERVERS, or the "
+                         "local one, started for the run) and compare its notifications with the offline run's")
+    es.add_argument("--partitions", type=int, default=6, help="partitions of every topic in the --broker runs (default 6)")
     es.add_argument("--json", help="also write the full report to this JSON file")
     es.set_defaults(func=lambda a: __import__("soundcheck.evaluation.scenarios", fromlist=["cli_main"]).cli_main(a))
 

@@ -323,6 +323,7 @@ class OfflinePipeline:
     control: dict[str, dict] = field(default_factory=dict)
     anomalies: list[Anomaly] = field(default_factory=list)
     alerts: list[dict] = field(default_factory=list)
+    before_quiet: Optional[int] = None  # len(alerts) when finish() let quiet event time pass after the input
     rejections: list[tuple[str, Rejection]] = field(default_factory=list)
     events_in: dict[str, int] = field(default_factory=lambda: {s: 0 for s in STREAMS})
 
@@ -452,6 +453,7 @@ class OfflinePipeline:
             for a in d.flush():
                 out += self.alert(a)
         quiet = (quiet_s if quiet_s is not None else w.resolve_after_s + w.group_wait_s + 2 * w.aggregate_s) * 1000
+        self.before_quiet = len(self.alerts)  # notifications the input itself gave, before the quiet event time after it
         start = max((pa.max_ts for ing in self.ingest.values() for pa in ing.parts.values()), default=0)
         for t in range(start, start + quiet + 1, w.aggregate_s * 1000):
             out += self.tick(t)

@@ -3,7 +3,7 @@
 import pytest
 
 from soundcheck.alerting.engine import AlertEngine
-from soundcheck.alerting.correlate import ServiceGraph
+from soundcheck.alerting.correlate import ServiceGraph, fingerprint
 from soundcheck.detectors.base import Anomaly
 from soundcheck.detectors.baseline import Signal
 
@@ -254,3 +254,69 @@ def test_a_notification_id_names_its_decision(settings):
     first = ids()
     assert len(first) == 2 and len(set(first)) == 2  # new, resolved
     assert ids() == first
+
+
+def fraud(t, user, artists, device):
+    links = [f"artist:{a}" for a in artists] + [f"device:{device}", "country:SE"]
+    return Anomaly("streaming_fraud", "behavior.fraud", {"user_id": user}, "SE", "streaming_fraud",
+                   [Signal("fraud_probability", 0.97, 0.5, 9.0, None, t)], 0.97, t, t - 60 * S, "user_behavior_events",
+                   sampled_users=1, details={"links": links, "top_artists": artists}, scope="fraud")
+
+
+def farm_run(settings, accounts, batches, silence=None, gap_s=40, until_s=300):
+    """Fraud anomalies of ``accounts`` in ``batches`` (lists of account indexes), ``gap_s`` apart
+    (longer than the group wait: each batch is a group of its own), each account seen again every
+    10 s until ``until_s``; then event time runs on until everything resolves."""
+    engine = AlertEngine(settings, ServiceGraph(settings.services), {}, {}, silence or {})
+    out, seen = [], []
+    t = 0
+    for batch in batches:
+        seen += batch
+        for t2 in range(t, t + gap_s, 10):
+            for i in seen:
+                user, artists, device = accounts[i]
+                out += engine.on_anomaly(fraud(t2 * S, user, artists, device), 0)
+            out += engine.on_tick("fraud", t2 * S, 0)
+        t += gap_s
+    for t2 in range(t, until_s, 10):
+        for i in seen:
+            user, artists, device = accounts[i]
+            out += engine.on_anomaly(fraud(t2 * S, user, artists, device), 0)
+        out += engine.on_tick("fraud", t2 * S, 0)
+    for t2 in range(until_s, until_s + 1200, 10):
+        out += engine.on_tick("fraud", t2 * S, 0)
+    return engine, [n for n in out if n["kind"] == "streaming_fraud"]
+
+
+ACCOUNTS = [("u1", ["own-1", "zz-farm"], "d1"), ("u2", ["zz-farm"], "d2"), ("u3", ["zz-farm", "bb-x"], "d3")]
+FARM_FP = fingerprint("streaming_fraud", "behavior.fraud", {"fraud_farm": "artist:zz-farm"})
+
+
+def test_a_fraud_farm_is_one_notification_named_by_what_ties_it_whatever_the_order(settings):
+    """The farm's fingerprint comes from the artist its first accounts share, not from which
+    account's anomaly came first (u1 plays its own artist most): a replay that sees them in another
+    order or other groups names the same farm; accounts that join later update it."""
+    for batches in ([[0, 1], [2]], [[2, 1], [0]], [[1, 0, 2]]):
+        engine, notes = farm_run(settings, ACCOUNTS, batches)
+        assert {n["fingerprint"] for n in notes} == {FARM_FP}, batches
+        assert {n["entity"]["fraud_farm"] for n in notes} == {"artist:zz-farm"}
+        firing = [n for n in notes if n["status"] == "firing"]
+        assert [n["notification"] for n in firing] == ["new"] + ["updated"] * (len(batches) - 1), batches
+        assert {e["user_id"] for e in firing[-1]["details"]["accounts"]} == {"u1", "u2", "u3"}
+        assert firing[-1]["details"]["account_count"] == 3 and "artist zz-farm" in firing[-1]["title"]
+        assert firing[-1]["details"]["links"][0] == "artist:zz-farm" and "artist:own-1" not in firing[-1]["details"]["links"]
+        assert [n["status"] for n in notes].count("resolved") == 1
+        # soundcheck why FARM: the farm's own decisions are logged under its fingerprint
+        assert [d["decision"] for d in engine.decisions if d["fingerprint"] == FARM_FP].count("notified") == len(firing)
+
+
+def test_a_farm_account_silenced_later_resolves_with_its_farm_not_on_its_own(settings):
+    """An account whose repeat falls under a silence after the farm went out: no resolved notice
+    for an account alert that never fired, the farm still resolves once, and nothing is left."""
+    silence = {"s1": {"id": "s1", "matchers": {"kind": "streaming_fraud"}, "starts_at": 100 * S, "ends_at": 10_000 * S,
+                      "comment": "fraud team"}}
+    engine, notes = farm_run(settings, ACCOUNTS, [[0, 1]], silence=silence, until_s=settings.windows.dedup_repeat_s + 100)
+    assert {n["fingerprint"] for n in notes} == {FARM_FP}, [(n["entity"], n["status"]) for n in notes]
+    assert any(d["decision"] == "silenced" for d in engine.decisions)  # the repeats were held by the silence
+    assert [n["status"] for n in notes] == ["firing", "resolved"]
+    assert not engine.scopes["fraud"].get("farms")

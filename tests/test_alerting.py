@@ -113,3 +113,25 @@ def test_alert_step_builds_a_complete_alert_and_dedups(settings):
     assert severity == alert["severity"]
     again = alert_step(a, dedup.get, r, settings, g, 124)
     assert again.fingerprint == fp and again.alert is None and again.dedup_state["occurrences"] == 2
+
+
+@pytest.mark.parametrize("region, active, expected", [
+    ("LU", 50_000, {"P2", "P3"}),  # a small market: a few hundred failed payments an hour
+    ("NL", 500_000, {"P1"}),  # mid-sized: about 25,000 an hour of revenue lost
+    ("US", 3_000_000, {"P0"}),  # large: past the P0 threshold
+])
+def test_failing_payments_are_priced_from_the_market_they_fail_in(settings, region, active, expected):
+    """45% of payments failing, in markets of three sizes: the priority follows the money lost
+    there, not a fixed rank for the kind of incident."""
+    s = settings.replace(classification={"regions": {**settings.classification["regions"], region: active}})
+    failing = anomaly(node="payment_gateway", region=region, signals=[Signal("error_rate", 0.45, 0.003, 60.0, 0.01)])
+    c = classify(failing, s)
+    assert c.priority in expected, (c.priority, c.business_impact)
+    loss = c.business_impact["revenue_loss_per_hour"]
+    assert loss == pytest.approx(active * s.services["payment_gateway"]["user_share"] * 0.447 * 10.99, rel=0.01)
+
+
+def test_a_market_the_configuration_does_not_know_is_priced_as_a_mid_sized_one(settings):
+    failing = anomaly(node="payment_gateway", region="ZZ", signals=[Signal("error_rate", 0.45, 0.003, 60.0, 0.01)])
+    assert "ZZ" not in settings.classification["regions"]
+    assert classify(failing, settings).priority == "P1"

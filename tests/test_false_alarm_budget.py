@@ -44,8 +44,25 @@ def test_a_series_with_one_window_spikes_learns_to_wait_for_a_run():
 def test_a_quiet_series_opens_on_a_large_shift_within_two_windows():
     rng = random.Random(2)
     b = baseline()
-    feed(b, [100 * rng.gauss(1, 0.02) for _ in range(200)])
-    assert feed(b, [200.0] * 4, t0=200).index(True) == 1  # the second window of the shift
+    feed(b, [100 * rng.gauss(1, 0.02) for _ in range(400)])  # past the first hour: its onset rate is learned
+    assert feed(b, [200.0] * 4, t0=400).index(True) == 1  # the second window of the shift
+
+
+def test_while_the_onset_rate_is_learned_a_deviation_waits_the_longest_run_but_a_limit_does_not():
+    """Learning is not paging: in its first hour a series has not shown its tail yet (its onset
+    rate is mostly the prior), so two windows of a heavy-tailed spike must not open a signal; a
+    lasting shift still does, after ``max_confirm`` windows, and a limit breach as soon as the
+    budget asks."""
+    rng = random.Random(6)
+    b = baseline()
+    feed(b, [100 * rng.gauss(1, 0.02) for _ in range(30)])
+    assert b.confirm("latency") == b.confirm("latency", far=True) == 3
+    assert not any(feed(b, [220.0, 215.0] + [100.0] * 5, t0=30))  # two far windows in a row: a GC pause, twice
+    assert feed(b, [200.0] * 4, t0=40).index(True) == 2  # a real shift: its third window
+    limited = baseline(limits={"latency": {"max": 150}})
+    feed(limited, [100 * rng.gauss(1, 0.02) for _ in range(30)])
+    assert limited.confirm("latency", breach=True) == 2
+    assert feed(limited, [400.0] * 4, t0=30).index(True) == 1  # past the SLO: no wait for the learning
 
 
 def test_without_a_budget_a_deviation_opens_at_once():

@@ -107,9 +107,14 @@ def test_offline_the_fraud_farm_is_one_incident_listing_its_accounts(offline_run
     farm = next(s for s in sim.scenarios if s.name == "fraud_farm")
     accounts = {public_entity({"user_id": a}, settings)["user_id"] for a in farm.details["accounts"]}
     fraud = [a for a in pipe.alerts if a["kind"] == "streaming_fraud" and a["status"] == "firing"]
-    assert fraud and {a["entity"]["user_id"] for a in fraud} <= accounts
-    assert len({a["incident_id"] for a in fraud}) == 1
+    assert fraud and all(set(a["entity"]) == {"fraud_farm"} for a in fraud)  # the farm's notifications, not the accounts'
+    listed = {e["user_id"] for a in fraud for e in a["details"]["accounts"]}
+    assert listed <= accounts and len(listed) >= 3
+    assert len({a["fingerprint"] for a in fraud}) == 1 and len({a["incident_id"] for a in fraud}) == 1
+    kinds = [a["notification"] for a in sorted(fraud, key=lambda a: a["emitted_at"])]
+    assert kinds[0] == "new" and set(kinds[1:]) <= {"updated"} and len(fraud) < len(listed)  # updated as accounts join
     last = max(fraud, key=lambda a: a["emitted_at"])
-    assert len(last["related"]) + 1 >= len({a["entity"]["user_id"] for a in fraud})
+    assert {e["user_id"] for e in last["details"]["accounts"]} == listed and any(x.startswith("artist:") for x in last["details"]["links"])
+    assert len([a for a in pipe.alerts if a["kind"] == "streaming_fraud" and a["status"] == "resolved"]) <= 1
     assert any("royalty" in r for r in last["recommendations"])  # the runbook of the root cause
     assert not any("farmdev" in str(a) for a in pipe.alerts)  # device ids leave only as pseudonyms

@@ -20,6 +20,14 @@ What happens to an anomaly:
    with ``released_from`` saying what held it;
 4. a fingerprint with no anomaly for ``resolve_after_s`` (keep-firing-for: a flapping signal
    stays one firing alert) is resolved: a ``status: resolved`` notification with ``ends_at``.
+
+A fraud farm (streaming-fraud accounts that share an artist, a device or a country, one
+incident by :func:`soundcheck.alerting.correlate.correlate_step`) is one notification, not one per
+account: its fingerprint names what ties it (:func:`farm_tie`, usually ``artist:<id>``), it lists
+the accounts (at most ``MAX_FARM_ACCOUNTS``, and how many there are) and the links two or more of
+them share, goes out again (``notification: updated``) when accounts join or its severity rises,
+and resolves once its last account has, silenced or not. Its decisions are logged under its own
+fingerprint too (``soundcheck why``).
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from typing import Any, Mapping, MutableMapping, Optional
 import orjson
 
 from soundcheck.alerting.correlate import ServiceGraph, alert_step, dedup_sweep_due, expired, fingerprint
+from soundcheck.alerting.classify import SEVERITY_RANK
 from soundcheck.alerting.silences import SilenceError, known_labels, silence_matches, validate
 from soundcheck.detectors.base import Anomaly
 from soundcheck.settings import Settings, SettingsError
@@ -48,7 +57,6 @@ def _identity(doc: Mapping[str, Any]) -> tuple:
 
 
 MAX_HELD = 200  # held-back fingerprints remembered per scope
-MAX_CLOCK_STEPS = 720  # windows a tick walks through one by one (two hours of 10 s windows); a longer gap jumps
 MAX_PENDING = 100  # alerts waiting in one group
 MAX_UNDRAINED = 100_000  # decisions kept when nobody drains them
 _ALERT_IDS = uuid.UUID("0d5e0b6a-3c1f-5b7e-9a43-5f0c1d2e8b71")  # the namespace of notification ids
@@ -67,6 +75,35 @@ def notification_id(alert: Mapping[str, Any], now: int) -> str:
     """
     key = "|".join(str(alert.get(k)) for k in ("fingerprint", "status", "notification", "severity", "occurrences"))
     return str(uuid.uuid5(_ALERT_IDS, f"{key}|{int(now)}"))
+
+
+MAX_CLOCK_STEPS = 720  # windows a tick walks through one by one (two hours of 10 s windows); a longer gap jumps
+MAX_FARM_ACCOUNTS = 4 * 32  # accounts a farm's notification lists; more are counted (details.account_count)
+MAX_FARM_LINKS = 256  # distinct links a farm counts to tell which its accounts share
+
+
+def farm_tie(alerts: list[Mapping[str, Any]]) -> Optional[str]:
+    """What names a fraud farm: the link (``artist:<id>``, ``device:<hash>``) most of its first
+    accounts share, countries only when nothing else is shared; among equals the one earliest in
+    an account's list (its most played artist), then by text. It
+    depends only on which accounts the farm's first notification lists, not on the order their
+    anomalies arrived in (the incident id does), so a replay of the same input names the farm as
+    the worker did. A farm is named once: if its first notification lists one account alone (the
+    others came more than a group wait later), that account's most played artist names it.
+
+    >>> farm_tie([{"details": {"links": ["artist:a9", "device:1", "country:SE"]}},
+    ...           {"details": {"links": ["artist:a9", "device:2", "country:SE"]}}])
+    'artist:a9'
+    """
+    counts: dict[str, int] = {}
+    rank: dict[str, int] = {}  # a link's best place in an account's list (its most played artist first)
+    for a in alerts:
+        for i, link in enumerate(dict.fromkeys((a.get("details") or {}).get("links") or ())):
+            counts[link] = counts.get(link, 0) + 1
+            rank[link] = min(rank.get(link, i), i)
+    if not counts:
+        return None
+    return min(counts, key=lambda x: (x.startswith("country:"), -counts[x], rank[x], x))
 
 
 class AlertEngine:
@@ -284,6 +321,16 @@ class AlertEngine:
                 group["alerts"].pop(fp, None)
             held = st.get("held", {}).pop(fp, None)
             silenced = bool(held) and str(held.get("by", "")).startswith("silence:")
+            if state.get("farm"):  # an account of a farm (held later or not): the farm resolves once, with its last account
+                note = self._farm_resolved(st, fp, state["farm"], last, now, emitted_at)
+                if note is not None:
+                    out.append(note)
+                    self.stats["resolved"] += 1
+                self._decide("resolved", fp, now, state.get("last_alert"), ends_at=last, notified=note is not None,
+                             farm=note["fingerprint"] if note else None)
+                if note is not None:
+                    self._decide("resolved", note["fingerprint"], now, note, ends_at=last, notified=True, last_account=fp)
+                continue
             # only what was sent is resolved; a silenced one too (the pager closes its incident) if so configured
             if state.get("last_alert") and state.get("sent") and (not held or (silenced and self.send_resolved_when_silenced)):
                 out.append(self._resolved(state, last, now, emitted_at))
@@ -302,6 +349,10 @@ class AlertEngine:
             if self._still_held(hold, state.get("last_alert") or {}, now, st["open"][fp]):
                 continue
             del st["held"][fp]
+            if state.get("farm"):  # the farm's notification already lists the account
+                self._decide("released", fp, now, state.get("last_alert"), held_by=hold.get("by"), since=hold.get("since"),
+                             notified=False, farm=state["farm"])
+                continue
             state["sent"] = True
             self.dedup[fp] = state
             alert = {**state["last_alert"], "notification": "released", "emitted_at": emitted_at,
@@ -336,6 +387,7 @@ class AlertEngine:
             if rc.get("confidence", 0) >= self.inhibit_confidence:
                 root_fp = rc.get("fingerprint")
         out = []
+        farm_members: list[tuple[str, dict[str, Any]]] = []
         silences = self._silences()
         for fp, alert in batch:
             silence = next((s for s in silences if silence_matches(s, alert, now)), None)
@@ -353,6 +405,9 @@ class AlertEngine:
                 self.stats["inhibited"] += 1
                 self._decide("inhibited", fp, now, alert, by_fingerprint=root_fp, root_node=root_member["node"])
                 continue
+            if alert.get("kind") == "streaming_fraud" and incident and incident.get("links"):
+                farm_members.append((fp, alert))  # one notification for the farm, below
+                continue
             alert = dict(alert)
             if incident:  # the latest view of the incident, as of sending
                 alert["related"] = sorted(f for f in incident["members"] if f != fp)
@@ -367,7 +422,105 @@ class AlertEngine:
             out.append(alert)
             self._decide("notified", fp, now, alert, incident_id=inc, group_size=len(batch),
                          notification=alert.get("notification"), alert_id=alert["alert_id"])
+        if farm_members:
+            note = self._farm(st, inc, incident or {}, farm_members, now, emitted_at)
+            if note is not None:
+                out.append(note)
         return out
+
+    def _farm(self, st: dict[str, Any], inc: str, incident: Mapping[str, Any], members: list[tuple[str, dict[str, Any]]],
+              now: int, emitted_at: int) -> Optional[dict[str, Any]]:
+        """The farm's notification for the accounts of this batch (see the module doc), if it has
+        news: its first, accounts that joined, or a higher severity."""
+        farms = st.setdefault("farms", {})
+        farm = farms.get(inc)
+        if farm is None:
+            tie = farm_tie([a for _, a in members]) or inc
+            farm = farms[inc] = {"fingerprint": fingerprint("streaming_fraud", "behavior.fraud", {"fraud_farm": tie}), "tie": tie,
+                                 "accounts": {}, "open": [], "severity": None, "last": None,
+                                 "first": min(a.get("starts_at") or a["event_time"] for _, a in members)}
+        joined = [fp for fp, _ in members if fp not in farm["accounts"] and fp not in farm.setdefault("uncounted", [])]
+        for fp, alert in members:
+            if fp in joined:
+                if len(farm["accounts"]) < MAX_FARM_ACCOUNTS:
+                    farm["accounts"][fp] = dict(alert["entity"])
+                else:  # counted, not listed (the notification and the table value stay bounded)
+                    farm["uncounted"] = (farm["uncounted"] + [fp])[-MAX_FARM_ACCOUNTS:]
+                    farm["more"] = farm.get("more", 0) + 1
+                links = farm.setdefault("links", {})
+                for link in set((alert.get("details") or {}).get("links") or ()):
+                    if link in links or len(links) < MAX_FARM_LINKS:
+                        links[link] = links.get(link, 0) + 1
+            if fp not in farm["open"]:
+                farm["open"].append(fp)
+            state = self._get_dedup(fp)
+            if state is not None:
+                state["sent"], state["farm"] = True, inc
+                self.dedup[fp] = state
+        best = max((a for _, a in members), key=lambda a: (SEVERITY_RANK.get(a["severity"], 0), a.get("score", 0)))
+        if farm["severity"] is not None and not joined and SEVERITY_RANK.get(best["severity"], 0) <= SEVERITY_RANK.get(farm["severity"], 0):
+            for fp, alert in members:
+                self._decide("deduplicated", fp, now, alert, farm=farm["fingerprint"], reason="the farm's notification already lists it")
+            return None
+        kind = "new" if farm["severity"] is None else "updated"
+        severity = best["severity"] if farm["severity"] is None else max(best["severity"], farm["severity"], key=lambda x: SEVERITY_RANK.get(x, 0))
+        priority = min([best["priority"]] + ([farm["last"]["priority"]] if farm["last"] else []))
+        accounts = [farm["accounts"][fp] for fp in sorted(farm["accounts"])]
+        n_accounts = len(accounts) + farm.get("more", 0)
+        tie = farm.get("tie", inc)
+        # what two or more of its accounts share, the tie first, countries last
+        counts = farm.get("links") or {}
+        shared = sorted((x for x, n in counts.items() if n >= 2), key=lambda x: (x != tie, x.startswith("country:"), -counts[x], x))
+        ties = (shared or [tie])[:8]
+        named = tie.replace(":", " ", 1) if not tie.startswith("inc-") else ""
+        note = {
+            **best,
+            "fingerprint": farm["fingerprint"],
+            "severity": severity,
+            "priority": priority,
+            "title": f"[{priority}] streaming fraud farm: {n_accounts} accounts" + (f", {named}" if named else ""),
+            "summary": f"streaming fraud farm: {n_accounts} accounts that share " + ", ".join(ties) + ".",
+            "entity": {"fraud_farm": tie},
+            "related": [],
+            "root_cause": incident.get("root_cause"),
+            "notification": kind,
+            "starts_at": farm["first"],
+            "last_seen": max(a.get("last_seen", a["event_time"]) for _, a in members),
+            "occurrences": n_accounts,
+            # the news it carries, not when the group went out: its first account, or the last to join
+            "event_time": (min(a["event_time"] for _, a in members) if kind == "new"
+                           else max(a["event_time"] for fp, a in members if fp in joined or not joined)),
+            "details": {"accounts": accounts, "account_count": n_accounts,
+                        "joined": [farm["accounts"][fp] for fp in joined if fp in farm["accounts"]], "links": shared[:40],
+                        "example": best.get("details", {})},
+            "group": {"incident_id": inc, "size": len(members)},
+            "emitted_at": emitted_at,
+        }
+        note["alert_id"] = notification_id(note, now)
+        farm.update(severity=severity, last={k: v for k, v in note.items() if k != "details"} | {"details": {"accounts": accounts}})
+        for fp, alert in members:
+            self._decide("notified", fp, now, alert, incident_id=inc, farm=farm["fingerprint"], notification=kind,
+                         alert_id=note["alert_id"])
+        self._decide("notified", farm["fingerprint"], now, note, incident_id=inc, notification=kind, alert_id=note["alert_id"],
+                     accounts=n_accounts, joined=len(joined))
+        return note
+
+    def _farm_resolved(self, st: dict[str, Any], fp: str, inc: str, ends_at: int, now: int, emitted_at: int) -> Optional[dict[str, Any]]:
+        """One account of a farm resolved: the farm's resolved notification once it was the last."""
+        farm = st.get("farms", {}).get(inc)
+        if not farm:
+            return None
+        if fp in farm["open"]:
+            farm["open"].remove(fp)
+        if farm["open"] or not farm.get("last"):
+            return None
+        del st["farms"][inc]
+        note = dict(farm["last"])
+        note.update({"status": "resolved", "notification": "resolved", "ends_at": ends_at, "last_seen": ends_at,
+                     "emitted_at": emitted_at, "title": note["title"].replace("] ", "] resolved: ", 1)})
+        note.pop("group", None)
+        note["alert_id"] = notification_id(note, now)
+        return note
 
     def _hold(self, st: dict[str, Any], fp: str, by: str, now: int) -> None:
         held = st.setdefault("held", {})

@@ -21,7 +21,9 @@ that sit the rules that make it usable for alerting:
   feature (``onset_rate``: runs over observations, counted over a week with a Gaussian prior
   that is also its floor) and opens a signal only once a run has lasted ``k`` observations, the
   smallest ``k`` with ``onset_rate ** k <= budget`` (at most ``max_confirm``; with the floor a
-  quiet series waits 2 observations, however long it has been quiet): a series whose noise is heavy-tailed
+  quiet series waits 2 observations, however long it has been quiet; while that rate is still
+  mostly the prior, the first ``onset_prior_weight`` observations, a deviation waits
+  ``max_confirm``): a series whose noise is heavy-tailed
   (one-window latency spikes) must persist before it pages, a quiet one does not wait. Runs of
   deviations twice as far (twice ``z_threshold`` and the minimum effect) have their own, lower,
   onset rate: a large change on a well-behaved series opens sooner than a marginal one. A limit
@@ -155,14 +157,22 @@ class RobustBaseline:
             delta = abs(delta)
         return delta / spread, delta
 
-    def confirm(self, name: str, far: bool = False) -> int:
+    def confirm(self, name: str, far: bool = False, breach: bool = False) -> int:
         """Observations in a row a deviation of ``name`` must last before it opens a signal: the
         smallest run whose chance on normal data is within the budget, that chance taken from how
         often runs have started (the onset rate) or, for a feature with a limit, how often its
-        own noise alone would cross the limit, whichever is larger."""
+        own noise alone would cross the limit, whichever is larger.
+
+        While the onset rate is still being learned (fewer observations after the warm-up than
+        the prior stands for, ``onset_prior_weight``: the first hour) a deviation from the learned
+        normal, near or far, waits ``max_confirm``: the rate it would be judged by is mostly the
+        prior, and a series with a heavy tail has not shown it yet. A limit ``breach`` does not
+        wait for that (learning is not paging, but a limit is not learned)."""
         f = self._features.get(name)
         if self.budget <= 0:
             return 1
+        if not breach and (f is None or f.windows < self.onset_prior_weight):
+            return self.max_confirm
         prior = self.onset_prior / (10.0 if far else 1.0)
         q = prior
         if f is not None:  # runs seen over observations, with the prior as a few hundred observations; never below it
@@ -281,7 +291,7 @@ class RobustBaseline:
                 f.run += 1
                 f.run_since = ts if f.run == 1 else f.run_since
                 f.far_run = f.far_run + 1 if far else 0
-            confirmed = deviating and (f.open_since is not None or f.run >= self.confirm(name)
+            confirmed = deviating and (f.open_since is not None or f.run >= self.confirm(name, breach=limit is not None and not chronic)
                                        or (f.far_run > 0 and f.far_run >= self.confirm(name, far=True)))
             if (confirmed and f.open_since is None) or (not deviating and was_running):
                 # ... and count a run once it is over (opened, or back to normal), so that a run

@@ -18,6 +18,8 @@ import struct
 from collections import deque
 from statistics import NormalDist
 from dataclasses import dataclass, field
+
+from scipy.stats import binom
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -45,6 +47,32 @@ KIND_OF_RATE = {"payment_failure_rate": "payment_failure"}
 class _RegionRates:
     baseline: RobustBaseline
     recent: deque  # the last windows' event-type counts, for the sliding rates
+    learned: dict = field(default_factory=dict)  # per rate: denominator events behind its baseline (decayed as the baseline forgets)
+
+
+def rate_surprise(k: float, n: float, p0: float, learned: float) -> float:
+    """How surprising ``k`` events in ``n`` are for a rate whose baseline ``p0`` rests on
+    ``learned`` events, as a one-sided normal deviate: the exact binomial tail of ``k`` or more
+    (right for a handful of events, where a z-score of the proportion is far too sure), at the
+    top of the baseline's own uncertainty (two standard errors over ``p0``: a baseline that
+    has seen few events is not trusted to the third decimal).
+
+    >>> round(rate_surprise(10, 60, 0.02, 10_000), 1)  # ten failures in sixty at a settled 2% (a z of the proportion says 8.1)
+    4.8
+    >>> round(rate_surprise(10, 60, 0.02, 200), 1)  # ... against a baseline of 200 events only
+    3.7
+    >>> rate_surprise(450, 1000, 0.02, 100_000) > 30  # 45% of a thousand payments failing
+    True
+    >>> rate_surprise(1, 60, 0.02, 10_000) <= 0.0
+    True
+    """
+    if n <= 0 or k <= 0:
+        return 0.0
+    p_hi = min(1.0, p0 + 2.0 * math.sqrt(max(p0 * (1 - p0), 1e-9) / max(learned, 1.0)))
+    tail = float(binom.sf(k - 1, int(round(n)), p_hi))  # P(K >= k)
+    if tail >= 0.5:
+        return 0.0
+    return -NormalDist().inv_cdf(max(tail, 1e-300))
 
 
 def wilson_interval(k: float, n: float, z: float) -> tuple[float, float]:
@@ -93,6 +121,10 @@ class BehaviorRateDetector(WindowedDetector):
         region = agg.key
         state = self.entities.get(region, agg.end)
         baseline, recent = state.baseline, state.recent
+        learned = getattr(state, "learned", None)
+        if learned is None:  # a snapshot from before the field
+            learned = state.learned = {}
+        keep = 1.0 - float(self.settings.detection["fading_factor"])
         # rates over a sliding span of the last few windows: rare events need the counts
         recent.append(agg.sums)
         sums = np.sum(recent, axis=0)
@@ -111,6 +143,13 @@ class BehaviorRateDetector(WindowedDetector):
             p0 = max(k / d if p0 is None else p0, 1.0 / (d + self.prior_weight))
             x[name] = (k + self.prior_weight * p0) / (d + self.prior_weight)
             spread[name] = math.sqrt(max(p0 * (1 - p0), 1e-6) / (d + self.prior_weight))
+            settled = baseline.expected(name)
+            if settled is not None and self.directions.get(name) == "up" and x[name] > settled:
+                # judged by the exact tail of the counts, not the normal approximation: the spread
+                # that makes the baseline's deviation that many standard deviates
+                z = max(rate_surprise(k, d, settled, learned.get(name, 0.0)), 0.01)
+                spread[name] = (x[name] - settled) / z
+            learned[name] = learned.get(name, 0.0) * keep + float(agg.sums[den].sum())
             counts[name] = k
             lo, hi = wilson_interval(k, d, self.z_limit)
             bound[name] = lo if self.directions.get(name) != "down" else hi

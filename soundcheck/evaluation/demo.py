@@ -92,7 +92,7 @@ async def _replay(settings: Settings, worker: WorkerProcess, *, rate: float, dur
         timeout=600, what="the worker to read every record"))
     # ... then until the quiet-stream flush has run and every anomaly has been through alerting
     await loop.run_in_executor(None, lambda: worker.wait_for(
-        lambda: _drained(worker), timeout=120, what="the last windows to close and their anomalies to be alerted"))
+        worker.drained, timeout=120, what="the last windows to close and their anomalies to be alerted"))
     await asyncio.sleep(1.0)  # the alert consumer's last poll
     stop.set()
     await reader
@@ -118,11 +118,3 @@ async def _replay(settings: Settings, worker: WorkerProcess, *, rate: float, dur
     print(f"  ground truth       {truth_path}")
     ok = report["found"] == report["injected"] and report["benign_pages"] == 0 and dlq == truth["produced_malformed"]
     return 0 if ok else 1
-
-
-def _drained(worker: WorkerProcess) -> bool:
-    m = worker.metrics()
-    emitted = sum(v for k, v in m.items() if k.startswith("soundcheck_anomalies_total"))
-    handled = sum(v for k, v in m.items() if k.startswith("soundcheck_anomalies_handled_total"))
-    pending = sum(v for k, v in m.items() if k.startswith("soundcheck_open_windows"))
-    return pending == 0 and handled >= emitted

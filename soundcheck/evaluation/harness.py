@@ -62,6 +62,14 @@ class WorkerProcess:
         except Exception:
             return -1.0
 
+    def drained(self) -> bool:
+        """No window open, and every anomaly stage 2 emitted taken in by the alerting stage."""
+        m = self.metrics()
+        emitted = sum(v for k, v in m.items() if k.startswith("soundcheck_anomalies_total"))
+        handled = sum(v for k, v in m.items() if k.startswith("soundcheck_anomalies_handled_total"))
+        pending = sum(v for k, v in m.items() if k.startswith("soundcheck_open_windows"))
+        return pending == 0 and handled >= emitted
+
     def wait_ready(self, timeout: float = 90.0, poll_s: float = 0.25) -> dict[str, Any]:
         """Wait until the worker answers and has partitions assigned (``ready`` in its /health)."""
         deadline = time.monotonic() + timeout

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import sys
 import time
 from typing import Any, Callable, Optional
@@ -29,14 +30,18 @@ async def produce(
     seconds: Optional[range] = None,
     progress: Optional[Callable[[str], None]] = None,
     progress_every_s: float = 2.0,
+    keying: str = "natural",
 ) -> dict[str, Any]:
     """Produce every tick of ``sim`` to the input topics; returns counts and the ground truth.
 
     ``batch``: records per message (1 = one JSON object per message). ``realtime``: ticks per
     wall second (0 = as fast as possible). ``seconds``: only these seconds of the run (to produce
-    a run in parts; the simulator carries on where it stopped). Messages are keyed by region (audio), user (behaviour)
-    and service (system), so an entity's records stay on one partition.
+    a run in parts; the simulator carries on where it stopped). ``keying``: how the producers key
+    their messages (:func:`soundcheck.pipeline.route_key`): ``natural`` (default) keys by region
+    (audio), user (behaviour) and service (system), so an entity's records stay on one partition;
+    ``user`` and ``session`` key each record by its user or session; ``random`` sends no key.
     """
+    from soundcheck.pipeline import route_key
     topics = settings.topics.inputs()
     producer = AIOKafkaProducer(
         bootstrap_servers=settings.kafka.bootstrap_servers,
@@ -55,9 +60,18 @@ async def produce(
         for sec in span:
             t = sim.start_ms + sec * 1000
             for b in sim.tick(t):
-                for value in encode(b, batch):
-                    pending.append(await producer.send(topics[b.stream], value, key=b.key.encode()))
-                    messages += 1
+                if keying == "natural":
+                    parts = [(b.key, b)]
+                else:  # group the batch's records by the key their producer gives them (malformed ones: the batch's)
+                    keyed: dict[tuple[bool, Optional[str]], list] = {}
+                    for r in b.records:
+                        raw = isinstance(r, (bytes, bytearray))
+                        keyed.setdefault((raw, b.key if raw else route_key(b.stream, r, b.key, keying)), []).append(r)
+                    parts = [(k, dataclasses.replace(b, records=recs)) for (_, k), recs in keyed.items()]
+                for key, part in parts:
+                    for value in encode(part, batch):
+                        pending.append(await producer.send(topics[b.stream], value, key=None if key is None else key.encode()))
+                        messages += 1
             if len(pending) > 5000:
                 await asyncio.gather(*pending)
                 pending.clear()

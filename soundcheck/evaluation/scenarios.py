@@ -12,7 +12,7 @@ each seed it reports, per scenario and overall:
 * notifications for the flapping metric's entity;
 * for the slow drift, how long before the limit was crossed the first warning came (lead time).
 
-Goals (from the issue): recall >= 0.95, precision >= 0.9, median delay < 30 s, no page during
+Goals (from the issues): recall >= 0.95, precision >= 0.9, median delay at most 30 s, no page during
 the benign surge, at most two notifications for the flapping metric.
 
 ``--world random`` draws a different world per seed (:class:`~soundcheck.evaluation.world.World`:
@@ -199,7 +199,7 @@ def met(total: Mapping[str, Any]) -> dict[str, bool]:
     return {
         "recall": total["recall"] >= GOALS["recall"],
         "precision": total["precision"] >= GOALS["precision"],
-        "median_delay_s": total["median_delay_s"] is not None and total["median_delay_s"] < GOALS["median_delay_s"],
+        "median_delay_s": total["median_delay_s"] is not None and total["median_delay_s"] <= GOALS["median_delay_s"],
         "benign_pages": total["benign_pages"] <= GOALS["benign_pages"],
         "flapping_notifications": total["flapping_notifications"] <= GOALS["flapping_notifications"],
         "compression": total["compression"] >= GOALS["compression"],
@@ -229,7 +229,7 @@ def format_report(rep: Mapping[str, Any]) -> str:
         "",
         f"recall                 {t['recall']:.3f}   (goal >= {GOALS['recall']})  {mark('recall')}",
         f"precision              {t['precision']:.3f}   (goal >= {GOALS['precision']})  {mark('precision')}",
-        f"median detection delay {t['median_delay_s']} s (goal < {GOALS['median_delay_s']:.0f} s)  {mark('median_delay_s')}",
+        f"median detection delay {t['median_delay_s']} s (goal <= {GOALS['median_delay_s']:.0f} s)  {mark('median_delay_s')}",
         f"P0/P1 in benign surge  {t['benign_pages']}       (goal 0)  {mark('benign_pages')}",
         f"flapping notifications {t['flapping_notifications']}       (goal <= 2)  {mark('flapping_notifications')}",
         f"notifications/incident {t['notifications_per_incident']:.1f}",
@@ -249,6 +249,14 @@ def cli_main(args: Any) -> int:
     except ValueError as exc:
         print(f"soundcheck eval scenarios: {exc}", file=sys.stderr)
         return 2
+    try:
+        broker_seeds = parse_seeds(args.broker) if getattr(args, "broker", None) else []
+    except ValueError as exc:
+        print(f"soundcheck eval scenarios: --broker: {exc}", file=sys.stderr)
+        return 2
+    if broker_seeds and not 1 <= args.partitions <= 64:
+        print(f"soundcheck eval scenarios: --partitions {args.partitions}: 1 to 64", file=sys.stderr)
+        return 2
     if getattr(args, "quiet_days", False) and args.quiet_duration < 60:
         print(f"soundcheck eval scenarios: --quiet-duration {args.quiet_duration}: at least 60 s", file=sys.stderr)
         return 2
@@ -265,6 +273,15 @@ def cli_main(args: Any) -> int:
         print()
         print(format_quiet(quiet))
         ok = ok and all(quiet["met"].values())
+    if broker_seeds:
+        from soundcheck.evaluation.broker_eval import evaluate_on_broker, format_broker
+
+        on_broker = evaluate_on_broker(settings, broker_seeds, world=world, rate=args.rate, duration_s=args.duration,
+                                       magnitude=args.magnitude, partitions=args.partitions, progress=progress)
+        rep["broker"] = on_broker
+        print()
+        print(format_broker(on_broker))
+        ok = ok and on_broker["all_same_anomalies"]
     if args.json:
         with open(args.json, "wb") as f:
             f.write(orjson.dumps(rep, option=orjson.OPT_INDENT_2))

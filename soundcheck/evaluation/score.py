@@ -20,8 +20,8 @@ def _matches(alert: Mapping[str, Any], sc: Mapping[str, Any], expected: list[dic
     """An alert (not an info record) on one of the incident's entities, while it lasts (plus grace)."""
     if alert.get("severity") == "info" or not (sc["start_ms"] <= alert["event_time"] <= sc["end_ms"] + grace_ms):
         return False
-    entity = alert["entity"]
-    return any(all(entity.get(k) == v for k, v in exp.items()) for exp in expected)
+    entities = [alert["entity"]] + list((alert.get("details") or {}).get("accounts") or ())  # a fraud farm lists its accounts
+    return any(all(entity.get(k) == v for k, v in exp.items()) for exp in expected for entity in entities)
 
 
 def evaluate(alerts: Iterable[Mapping[str, Any]], truth: Mapping[str, Any], settings: Settings, grace_s: int = 120) -> dict[str, Any]:
