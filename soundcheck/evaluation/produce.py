@@ -57,7 +57,7 @@ async def produce(
     try:
         pending: list[asyncio.Future] = []
         span = seconds if seconds is not None else range(sim.duration_s)
-        for sec in span:
+        for n_sec, sec in enumerate(span):
             t = sim.start_ms + sec * 1000
             for b in sim.tick(t):
                 if keying == "natural":
@@ -76,7 +76,7 @@ async def produce(
                 await asyncio.gather(*pending)
                 pending.clear()
             if realtime:
-                delay = started + (sec + 1) / realtime - time.monotonic()
+                delay = started + (n_sec + 1) / realtime - time.monotonic()  # paced from the first second produced
                 if delay > 0:
                     await asyncio.sleep(delay)
             now = time.monotonic()
