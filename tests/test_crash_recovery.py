@@ -4,8 +4,9 @@ again within 30 s.
 
 Two runs of one recorded input (the simulator's seed and start time), each on its own uuid topics
 and consumer groups, one after the other (the machine is small), produced the same way in three
-slices of event time: the first half, as fast as it goes; once the worker has read it, the third
-quarter; once the worker has read that too, the last quarter, in the background, paced over a few
+slices of event time: the first half, as fast as it goes; once the worker has read it and settled
+(a pause in the input moves the alerting clock on: both runs pause the same way), the third
+quarter; once the worker has read that too and settled, the last quarter, in the background, paced over a few
 seconds so that a kill can fall while the worker reads.
 
 * clean: one worker, to the end;
@@ -78,6 +79,10 @@ class _Producer:
             valid = sum(self.sim.produced.values())
             worker.wait_for(lambda: worker.metric_sum("soundcheck_events_in_total") >= valid, timeout=120,
                             what=f"event time {seconds.start}-{seconds.stop} s read")
+            # and settled: stage 1 closes its windows after IDLE_FLUSH_S of quiet input and stage 2
+            # ticks the alerting clock past them (agents/detect.py, quiet), so a pause in the input
+            # changes what is late; both runs pause here, the same way, until all is done
+            _wait_drained(self.s, worker)
         return valid
 
     def start_last_slice(self) -> None:
