@@ -163,7 +163,11 @@ class AlertEngine:
         so they never move the clock: the anomaly waits in its scope's inbox until a tick passes
         its event time, and is then taken in event-time order (:meth:`on_tick`), so that the same
         anomalies give the same notifications however they were interleaved and batched. One
-        that arrives after the clock has passed it is taken at once."""
+        that arrives after the clock has passed it (late: its stream's clock moved on while the
+        input paused, or a source counted as silent) waits too, for the next tick that moves the
+        clock, and is taken then, at the clock's time, in event-time order with the others that
+        came late: taken at once, late anomalies would be taken in the order they happened to
+        arrive in, which differs between a worker and its replacement after a crash."""
         scope = anomaly.scope or anomaly.region
         st = self._scope(scope)
         if self._taken(anomaly):
@@ -172,13 +176,9 @@ class AlertEngine:
         key = _identity(doc)
         if any(_identity(a) == key for a in st.get("inbox", [])):
             return []  # the same (its fingerprint's finding on the same window), still waiting for its tick
-        if anomaly.event_time <= st.get("now", -(2**62)):
-            out = self._take(anomaly, scope, st, emitted_at)
-        else:
-            st.setdefault("inbox", []).append(doc)
-            out = []
+        st.setdefault("inbox", []).append(doc)
         self.scopes[scope] = st
-        return out
+        return []
 
     def on_tick(self, scope: str, event_time: int, emitted_at: int) -> list[dict[str, Any]]:
         """Event time has reached ``event_time`` for ``scope``: take the waiting anomalies up to it in
