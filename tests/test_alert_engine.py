@@ -320,3 +320,27 @@ def test_a_farm_account_silenced_later_resolves_with_its_farm_not_on_its_own(set
     assert any(d["decision"] == "silenced" for d in engine.decisions)  # the repeats were held by the silence
     assert [n["status"] for n in notes] == ["firing", "resolved"]
     assert not engine.scopes["fraud"].get("farms")
+
+
+
+def test_anomalies_that_arrive_after_the_clock_are_taken_at_the_next_tick_in_event_time_order(settings):
+    """Late anomalies (the clock moved on while the input paused) do not depend on the order they
+    arrive in: they wait for the next tick and are taken then, oldest first. Taken at once, the
+    farm's incident (and so its notification) followed whichever account came first."""
+    def notes(order):
+        engine = AlertEngine(settings, ServiceGraph(settings.services), {}, {}, {})
+        engine.on_anomaly(anomaly(0, node="cdn", region="fraud"), 0)
+        out = engine.on_tick("fraud", 100 * S, 0)  # the clock is at 100 s
+        late = [fraud(t * S, user, artists, device) for t in (60, 70, 80) for user, artists, device in ACCOUNTS]
+        taken = []
+        for a in (late if order == "forward" else late[::-1]):
+            taken += engine.on_anomaly(a, 0)
+        assert taken == [], "a late anomaly waits for the next tick"
+        for t in range(110, 400, 10):
+            out += engine.on_tick("fraud", t * S, 0)
+        return [{k: v for k, v in n.items() if k not in ("alert_id", "emitted_at")} for n in out]
+
+    forward = notes("forward")
+    farm = [n for n in forward if n["kind"] == "streaming_fraud"]
+    assert farm and farm[0]["details"]["account_count"] == 3, "the late accounts were notified, as one farm"
+    assert forward == notes("backward")

@@ -338,10 +338,11 @@ def test_a_crash_neither_creates_nor_loses_a_notification(clean_run, crash_run):
 
 #: how a notification's incident looked when it was sent: which alerts shared its group, which it
 #: lists as related, the root cause of the moment. An anomaly whose window is evaluated after its
-#: stream's clock has passed it (a rate confirmed over later windows, a partial that came late
-#: after an input partition was taken for idle) is taken at once and joins whatever group is open
-#: then; a replacement re-reading the anomalies topic can take it before that group went out, so
-#: these may differ after a crash while every notification, its alert and its times stay the same
+#: stream's clock has passed it (a partial that came late after an input partition was taken for
+#: idle, a clock moved on by a pause in the input) is taken at the next tick and joins whatever
+#: group is open then; a replacement re-reading the anomalies topic can take it before that group
+#: went out, so these may differ after a crash while every notification, its alert and its times
+#: stay the same
 GROUPING = ("group", "related", "root_cause")
 
 
