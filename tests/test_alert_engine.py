@@ -344,3 +344,10 @@ def test_anomalies_that_arrive_after_the_clock_are_taken_at_the_next_tick_in_eve
     farm = [n for n in forward if n["kind"] == "streaming_fraud"]
     assert farm and farm[0]["details"]["account_count"] == 3, "the late accounts were notified, as one farm"
     assert forward == notes("backward")
+    # without a group wait too: a late anomaly goes out at the next tick, not on arrival
+    s = settings.replace(windows={"group_wait_s": 0})
+    engine = AlertEngine(s, ServiceGraph(s.services), {}, {}, {})
+    engine.on_anomaly(anomaly(0, node="cdn"), 0)
+    engine.on_tick("BR", 100 * S, 0)
+    assert engine.on_anomaly(anomaly(60 * S, node="payment_gateway"), 0) == []
+    assert [n["entity"]["service"] for n in engine.on_tick("BR", 110 * S, 0) if n["status"] == "firing"] == ["payment_gateway"]
