@@ -60,7 +60,7 @@ import uuid
 from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import orjson
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -544,6 +544,11 @@ class Latency:
     # from that event time): leaves out how far the producer lagged behind the wall clock
     from_send_p50_ms: float = float("nan")
     from_send_p99_ms: float = float("nan")
+    # where the time goes (medians over the counted alerts, ms after event_time + lateness, from
+    # the internal topics' record timestamps): every input partition of every stream has closed
+    # the window (stage 1's aggregates messages), the anomaly is on the anomalies topic (stage 2),
+    # every source's tick has passed it (the alerting clock), the alert is appended
+    stages_p50_ms: dict[str, float] = field(default_factory=dict)
     error: Optional[str] = None
 
 
@@ -638,12 +643,14 @@ def latency_run(lab: Lab, settings: Settings, bootstrap: str, partitions: int, l
         lat.worker_counted = counted
         time.sleep(3)
         messages = asyncio.run(read_to_end(bootstrap, s.topics.alerts))
+        internal = {role: asyncio.run(read_to_end(bootstrap, getattr(s.topics, role))) for role in ("aggregates", "anomalies")}
     finally:
         lab.stop(proc)
     lateness_ms = settings.windows.allowed_lateness_s * 1000
     latencies: list[int] = []
     from_send: list[int] = []
     excluded: dict[str, int] = {}
+    stages: dict[str, list[int]] = {}
     types = set()
     for msg in messages:
         alert = orjson.loads(msg.value)
@@ -659,6 +666,8 @@ def latency_run(lab: Lab, settings: Settings, bootstrap: str, partitions: int, l
         else:
             latencies.append(msg.timestamp - earliest)
             from_send.append(msg.timestamp - first_sent)
+            for stage, at in stage_times(internal, alert, msg.timestamp).items():
+                stages.setdefault(stage, []).append(at - earliest)
             continue
         excluded[why] = excluded.get(why, 0) + 1
     lat.alerts_total, lat.alerts_counted, lat.excluded = len(messages), len(latencies), excluded
@@ -666,6 +675,41 @@ def latency_run(lab: Lab, settings: Settings, bootstrap: str, partitions: int, l
     lat.p50_ms, lat.p99_ms = percentile(latencies, 50), percentile(latencies, 99)
     lat.max_ms = max(latencies, default=float("nan"))
     lat.from_send_p50_ms, lat.from_send_p99_ms = percentile(from_send, 50), percentile(from_send, 99)
+    lat.stages_p50_ms = {stage: percentile(v, 50) for stage, v in stages.items()}
+
+
+def stage_times(internal: Mapping[str, Sequence[Any]], alert: Mapping[str, Any], appended: int) -> dict[str, int]:
+    """When (wall clock, ms: the records' CreateTime) each stage was done with the alert's window:
+    ``stage 1`` every (stream, input partition) had sent an aggregates message closing it;
+    ``stage 2`` the anomaly of the alert's kind and window was on the anomalies topic; ``clock``
+    every (stream, stage-2 partition) had ticked past it on that anomaly's partition; ``alert``
+    its append time. A stage whose records are not found is left out."""
+    end = int(alert["event_time"])
+    closed: dict[tuple[str, int], int] = {}
+    for m in internal["aggregates"]:
+        doc = orjson.loads(m.value)
+        if doc.get("stream") != "fraud" and (doc.get("closed_until") or -1) >= end:
+            key = (doc["stream"], int(doc["source"]))
+            closed[key] = min(closed.get(key, m.timestamp), m.timestamp)
+    out: dict[str, int] = {}
+    if closed:
+        out["stage 1"] = max(closed.values())
+    found = [(m.timestamp, m.partition) for m in internal["anomalies"]
+             if b'"tick"' not in m.value and (a := orjson.loads(m.value)).get("kind") == alert.get("kind")
+             and int(a.get("event_time", -1)) == end]
+    if found:
+        out["stage 2"], partition = min(found)
+        ticks: dict[tuple[str, int], int] = {}
+        for m in internal["anomalies"]:
+            if m.partition == partition and b'"tick"' in m.value:
+                doc = orjson.loads(m.value)
+                if "tick" in doc and int(doc["event_time"]) >= end:
+                    key = (doc["tick"], int(doc.get("source", -1)))
+                    ticks[key] = min(ticks.get(key, m.timestamp), m.timestamp)
+        if ticks:
+            out["clock"] = max(ticks.values())
+    out["alert"] = appended
+    return out
 
 
 def plan_latency(data: Data, single: Mode) -> Latency:
@@ -804,6 +848,8 @@ def table(fig: dict[str, Any], settings: Settings) -> str:
                 f"(target p99 {tg['latency_p99_s']['target']} s: {tg['latency_p99_s']['met']})",
                 f"  the same from when the first record of that event time was sent (leaves out the producer's lag): "
                 f"p50 {lat['from_send_p50_ms'] / 1000:.3f} s, p99 {lat['from_send_p99_ms'] / 1000:.3f} s",
+                "  where it goes (medians, s after event_time + lateness): " + ", ".join(
+                    f"{stage} done {ms / 1000:.3f}" for stage, ms in lat["stages_p50_ms"].items()),
             ]
         else:
             lines.append("  NO ALERT ARRIVED: there is no latency to report (the incident was not alerted on within the run)")
