@@ -17,7 +17,7 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
 import orjson
@@ -85,13 +85,6 @@ def _parts(items: Sequence[Any], encode: Any) -> list[tuple[Sequence[Any], bytes
         return [(items, value)]
     half = len(items) // 2
     return _parts(items[:half], encode) + _parts(items[half:], encode)
-
-
-def _progress_last(items: Sequence[Any], encode: Any, encode_before: Any) -> list[tuple[Sequence[Any], bytes]]:
-    """:func:`_parts` of ``items``, every part but the last encoded with ``encode_before`` (the
-    previous progress): stage 2 closes no window before it has all the parts."""
-    parts = _parts(items, encode)
-    return [(chunk, encode_before(chunk) if k < len(parts) - 1 else value) for k, (chunk, value) in enumerate(parts)]
 
 
 def decode_internal(value: bytes) -> dict[str, Any]:
@@ -172,13 +165,14 @@ class IngestStage:
         the state before it: returns the messages and the (index, reason) of the records that failed
         alone, so that one bad record costs its own dead letter and its neighbours go on."""
         pa = self.get(partition)
-        saved, sent, held = pa.snapshot(), self.sent_progress.get(partition), self._held(partition)
+        saved, sent = pa.snapshot(), self.sent_progress.get(partition)
+        held = {k: list(v) for k, v in self.fraud_rows.get(partition, {}).items()}
         try:
             return self.process(partition, records, offsets, now), []
         except Exception as exc:
             first = f"{type(exc).__name__}: {str(exc)[:200]}"
         self.parts[partition] = saved
-        self._unhold(partition, held)
+        self.fraud_rows[partition] = held
         if sent is None:
             self.sent_progress.pop(partition, None)
         else:
@@ -187,25 +181,15 @@ class IngestStage:
         failed: list[tuple[int, str]] = []
         ordinals = offset_ordinals(offsets.tolist() if offsets is not None else [0] * len(records))
         for j, rec in enumerate(records):
-            before, held = self.parts[partition].snapshot(), self._held(partition)
+            before = self.parts[partition].snapshot()
+            held = {k: list(v) for k, v in self.fraud_rows.get(partition, {}).items()}
             try:
                 out += self.process(partition, [rec], None if offsets is None else offsets[j:j + 1], now, ordinals[j:j + 1])
             except Exception as exc:
                 self.parts[partition] = before
-                self._unhold(partition, held)
+                self.fraud_rows[partition] = held
                 failed.append((j, f"{type(exc).__name__}: {str(exc)[:200]} (the batch failed with {first})"))
         return out, failed
-
-    def _held(self, partition: int) -> dict[int, int]:
-        """How many fraud rows ``partition`` holds per fraud partition (to undo a failed batch)."""
-        return {k: len(v) for k, v in self.fraud_rows.get(partition, {}).items()}
-
-    def _unhold(self, partition: int, held: Mapping[int, int]) -> None:
-        """Back to ``held`` (:meth:`_held`): rows are only appended, and only sent (popped) once
-        encoded, so a failed batch added at most rows past those counts."""
-        rows = self.fraud_rows.get(partition)
-        if rows is not None:
-            self.fraud_rows[partition] = {k: v[:held[k]] for k, v in rows.items() if held.get(k)}
 
     def idle(self, partitions: Iterable[int], target: Optional[int] = None) -> list[AggregatesMessage]:
         """These partitions are caught up (nothing more to read): they move on with the slowest of
@@ -249,16 +233,19 @@ class IngestStage:
         of = self.input_partitions
         out = []
         for i, ps in by_part.items():
-            for _, value in _progress_last(ps, lambda x: encode_partials(self.stream, partition, pa.closed_until, x, quiet, of),
-                                           lambda x: encode_partials(self.stream, partition, before, x, False, of)):
+            parts = _parts(ps, lambda x: encode_partials(self.stream, partition, pa.closed_until, x, quiet, of))
+            for k, (chunk, value) in enumerate(parts):
+                if k < len(parts) - 1:  # the progress goes with the last part: stage 2 closes no window before it has them all
+                    value = encode_partials(self.stream, partition, before, chunk, False, of)
                 out.append(AggregatesMessage("aggregates", i, value))
         if self.stream == "behavior":  # the fraud stage needs the rows held so far and the progress
-            held = self.fraud_rows.get(partition, {})
+            held = self.fraud_rows.pop(partition, {})
             for i in range(self.fraud_partitions):
-                for _, value in _progress_last(held.get(i, []), lambda x: encode_rows(partition, pa.closed_until, x, quiet, of),
-                                               lambda x: encode_rows(partition, before, x, False, of)):
+                parts = _parts(held.get(i, []), lambda x: encode_rows(partition, pa.closed_until, x, quiet, of))
+                for k, (chunk, value) in enumerate(parts):
+                    if k < len(parts) - 1:  # the progress goes with the last part (as for the partials)
+                        value = encode_rows(partition, before, chunk, False, of)
                     out.append(AggregatesMessage("fraud", i, value))
-            self.fraud_rows.pop(partition, None)  # once encoded: a failure before leaves them held
         return out
 
     def busy_progress(self, partitions: Iterable[int]) -> Optional[int]:
