@@ -3,9 +3,8 @@
 * :class:`IngestStage` is stage 1 of one input stream over the input partitions a worker reads:
   decode (:mod:`soundcheck.ingest.contracts`), partial aggregates (:mod:`soundcheck.ingest.partials`),
   and the messages for the internal topics: partials keyed by entity for the aggregates topic,
-  behaviour rows keyed by pseudonymised user for the fraud topic (held until the partition's
-  progress moves, then sent with it: a few messages a window, not one per batch and fraud
-  partition), each with the partition's progress (:class:`AggregatesMessage`).
+  behaviour rows keyed by pseudonymised user for the fraud topic, each with the partition's
+  progress (:class:`AggregatesMessage`).
 * :class:`~soundcheck.detectors.stage2.Stage2` / :class:`~soundcheck.detectors.stage2.FraudStage`
   merge those per entity and detect.
 * :class:`OfflinePipeline` runs the very same code over a simulator run without a broker, with
@@ -116,8 +115,6 @@ class IngestStage:
         self.input_partitions = 0  # the input topic's partition count (0: unknown), told to stage 2
         self.parts: dict[int, PartitionAggregator] = {}
         self.sent_progress: dict[int, int] = {}
-        #: behaviour rows for the fraud stage not sent yet: input partition -> fraud partition -> rows
-        self.fraud_rows: dict[int, dict[int, list]] = {}
         self.pseudonyms = Pseudonyms(settings.pseudonym_key, bool(settings.privacy.get("pseudonymize_user_ids", True)))
         self.devices = Pseudonyms(settings.pseudonym_key, True)
         self.max_future_ms = int(settings.worker.max_future_skew_s * 1000)
@@ -135,7 +132,6 @@ class IngestStage:
     def drop(self, partition: int) -> None:
         self.parts.pop(partition, None)
         self.sent_progress.pop(partition, None)
-        self.fraud_rows.pop(partition, None)  # their records are not committed (open windows): the next owner reads them
 
     def process(self, partition: int, records: Sequence[Any], offsets: Optional[np.ndarray] = None,
                 now: Optional[float] = None, ordinals: Optional[Sequence[int]] = None) -> list[AggregatesMessage]:
@@ -143,15 +139,12 @@ class IngestStage:
         position among the records of its offset, when the records are not a whole batch)."""
         pa = self.get(partition)
         out: list[AggregatesMessage] = []
-        rows = None
         if records and self.stream == "behavior":
             rows = fraud_rows(records, pa.closed_until, pa.size_ms, self.pseudonyms, self.fraud_partitions, self.devices,
                               offsets.tolist() if offsets is not None else None, ordinals)
+            out.extend(AggregatesMessage("fraud", part, value) for part, r in sorted(rows.items())
+                       for _, value in _parts(r, lambda x: encode_rows(partition, pa.closed_until, x, of=self.input_partitions)))
         pa.add(records, offsets)
-        if rows:  # held until this partition's progress moves (_close): a few messages a window, not one per batch
-            held = self.fraud_rows.setdefault(partition, {})
-            for part, r in rows.items():
-                held.setdefault(part, []).extend(r)
         now = time.time() if now is None else now
         wm = pa.watermark()
         if now != float("inf"):  # one record from the near future cannot close everything
@@ -166,13 +159,11 @@ class IngestStage:
         alone, so that one bad record costs its own dead letter and its neighbours go on."""
         pa = self.get(partition)
         saved, sent = pa.snapshot(), self.sent_progress.get(partition)
-        held = {k: list(v) for k, v in self.fraud_rows.get(partition, {}).items()}
         try:
             return self.process(partition, records, offsets, now), []
         except Exception as exc:
             first = f"{type(exc).__name__}: {str(exc)[:200]}"
         self.parts[partition] = saved
-        self.fraud_rows[partition] = held
         if sent is None:
             self.sent_progress.pop(partition, None)
         else:
@@ -182,12 +173,10 @@ class IngestStage:
         ordinals = offset_ordinals(offsets.tolist() if offsets is not None else [0] * len(records))
         for j, rec in enumerate(records):
             before = self.parts[partition].snapshot()
-            held = {k: list(v) for k, v in self.fraud_rows.get(partition, {}).items()}
             try:
                 out += self.process(partition, [rec], None if offsets is None else offsets[j:j + 1], now, ordinals[j:j + 1])
             except Exception as exc:
                 self.parts[partition] = before
-                self.fraud_rows[partition] = held
                 failed.append((j, f"{type(exc).__name__}: {str(exc)[:200]} (the batch failed with {first})"))
         return out, failed
 
@@ -238,14 +227,9 @@ class IngestStage:
                 if k < len(parts) - 1:  # the progress goes with the last part: stage 2 closes no window before it has them all
                     value = encode_partials(self.stream, partition, before, chunk, False, of)
                 out.append(AggregatesMessage("aggregates", i, value))
-        if self.stream == "behavior":  # the fraud stage needs the rows held so far and the progress
-            held = self.fraud_rows.pop(partition, {})
-            for i in range(self.fraud_partitions):
-                parts = _parts(held.get(i, []), lambda x: encode_rows(partition, pa.closed_until, x, quiet, of))
-                for k, (chunk, value) in enumerate(parts):
-                    if k < len(parts) - 1:  # the progress goes with the last part (as for the partials)
-                        value = encode_rows(partition, before, chunk, False, of)
-                    out.append(AggregatesMessage("fraud", i, value))
+        if self.stream == "behavior":  # the fraud stage needs the progress too
+            out.extend(AggregatesMessage("fraud", i, encode_rows(partition, pa.closed_until, [], quiet, of))
+                       for i in range(self.fraud_partitions))
         return out
 
     def busy_progress(self, partitions: Iterable[int]) -> Optional[int]:
