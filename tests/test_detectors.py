@@ -242,3 +242,30 @@ def test_one_future_record_does_not_close_the_other_partitions_windows(settings)
     assert ingest.parts[1].closed_until <= T0 + 25_000  # the future is capped at the wall clock
     assert stage2.event_time(wall) <= ingest.parts[0].closed_until  # partition 0 still holds stage 2 back
     assert ingest.late_events == 0
+
+
+def test_fraud_detector_in_steps_finds_and_keeps_what_it_does_in_one_piece(settings):
+    """The worker scores a window in steps (other agents run between them): same anomalies, same state."""
+    from soundcheck.detectors.behavior import drain
+
+    sim = simulate(plan=(("fraud_farm", 60, 300),), duration=400)
+    contract = load_contracts()["behavior"]
+    whole, stepped = FraudDetector(settings), FraudDetector(settings)
+    found_whole, found_stepped, steps = [], [], 0
+    for b in sim.ticks():
+        if b.stream != "behavior":
+            continue
+        recs = [r for m in encode(b, 100) for r in contract.decode(m, now_ms=T0 + 10**8)[0]]
+        found_whole += whole.process(recs)
+        gen = stepped.process_steps(recs, step=7)
+        while True:
+            try:
+                next(gen)
+                steps += 1
+            except StopIteration as done:
+                found_stepped += done.value
+                break
+    assert steps > 100  # it did run in steps
+    assert found_whole and [a.to_json() for a in found_stepped] == [a.to_json() for a in found_whole]
+    assert pickle.dumps(stepped.users.state) == pickle.dumps(whole.users.state)
+    assert drain(iter(())) is None

@@ -20,7 +20,7 @@ from statistics import NormalDist
 from dataclasses import dataclass, field
 
 from scipy.stats import binom
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Generator, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -636,6 +636,23 @@ class FraudUsers:
         return int(len(seen) - keep.sum())
 
 
+STEP_RECORDS = 2_000  # records (or users scored) per step of FraudDetector.process_steps: a few ms
+# the fields of a fraud record (FraudEvent's order)
+_TS, _USER, _ET, _DEV, _CTY, _SEG, _ARTIST, _PM = range(8)
+
+
+def drain(steps: Generator[None, None, Any]) -> Any:
+    """Run a generator of steps to its end; its return value."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
+FRAUD_SCOPE = "fraud"  # the correlation scope of every fraud finding (the alerting clock of this scope waits for the fraud stage)
+
+
 class FraudDetector:
     """Streaming fraud per user: counters over a sliding window scored into a probability.
 
@@ -663,34 +680,52 @@ class FraudDetector:
 
     def process(self, records: Sequence[Any], event_time: int | None = None) -> list[Anomaly]:
         """Count a batch; score the users it touched at ``event_time`` (the watermark; default:
-        the latest record), so one early timestamp cannot age everybody's window."""
+        the latest record), so one early timestamp cannot age everybody's window. A record is a
+        decoded behaviour event, or a sequence in the field order of
+        :class:`~soundcheck.detectors.stage2.FraudEvent`."""
+        return drain(self.process_steps(records, event_time))
+
+    def process_steps(self, records: Sequence[Any], event_time: int | None = None,
+                      step: int = STEP_RECORDS) -> Generator[None, None, list[Anomaly]]:
+        """:meth:`process` in steps of about ``step`` records (a generator that returns the
+        anomalies): the worker lets other agents run between steps, as a window of a busy stream
+        is tens of thousands of events. The outcome is :meth:`process`'s, however it is stepped,
+        as long as nothing else uses the detector until the generator is done."""
+        if records and not isinstance(records[0], (list, tuple)):  # decoded records (their fields by name)
+            records = [(r.ts, r.user_id, r.event_type, r.device_id, r.country, r.user_segment, r.artist_id, r.payment_method_id)
+                       for r in records]
         if records:
-            top = max(r.ts for r in records)
+            top = max(r[_TS] for r in records)
             self.now = max(self.now, top if event_time is None else min(event_time, top))
         users = self.users
         st = users.state
-        touched = users.load(list(dict.fromkeys(r.user_id for r in records)), self.now)
+        touched = users.load(list(dict.fromkeys(r[_USER] for r in records)), self.now)
         c = _codec(self.layout)
         nb, bucket_ms, unit = c.nb, c.bucket_ms, c.unit_ms
         plays_at, completes_at, firsts_at, lasts_at = c.plays, c.completes, c.b_first, c.b_last
         names, segment_ix, country_ix = st.artist_names, st.segment_ix, st.country_ix
         hashes: dict = {}
-        for r in records:
-            u = touched[r.user_id]
-            ts = r.ts
+        for n, r in enumerate(records):
+            if n and not n % step:
+                yield
+            u = touched[r[_USER]]
+            ts = r[_TS]
             t = ts // unit & _U16
             if not u[_ACTIVE]:
                 u[_FIRST] = ts
             u[_SEEN] = ts
-            i = segment_ix.get(r.user_segment)
-            u[_SEGMENT] = i if i is not None else st.segment_index(r.user_segment)
-            h = hashes.get(r.device_id)
+            seg = r[_SEG]
+            i = segment_ix.get(seg)
+            u[_SEGMENT] = i if i is not None else st.segment_index(seg)
+            dev = r[_DEV]
+            h = hashes.get(dev)
             if h is None:
-                h = hashes[r.device_id] = _h64(r.device_id)
+                h = hashes[dev] = _h64(dev)
             _note(u, h, t, c.dev, c.dev_t, c.nd)
-            i = country_ix.get(r.country)
-            _note(u, i if i is not None else st.country_index(r.country), t, c.cty, c.cty_t, c.nc)
-            et = r.event_type
+            cty = r[_CTY]
+            i = country_ix.get(cty)
+            _note(u, i if i is not None else st.country_index(cty), t, c.cty, c.cty_t, c.nc)
+            et = r[_ET]
             if et == "play_start" or et == "play_complete":
                 b = ts // bucket_ms
                 if not u[_ACTIVE]:
@@ -711,20 +746,28 @@ class FraudDetector:
                 if et == "play_start":
                     if u[plays_at + i] < _U16:
                         u[plays_at + i] += 1
-                    if r.artist_id:
-                        h = hashes.get(r.artist_id)
+                    artist = r[_ARTIST]
+                    if artist:
+                        h = hashes.get(artist)
                         if h is None:
-                            h = hashes[r.artist_id] = _h64(r.artist_id)
-                            names.setdefault(h, r.artist_id)
+                            h = hashes[artist] = _h64(artist)
+                            names.setdefault(h, artist)
                         self._play(u, h, t, c)
                 elif u[completes_at + i] < _U16:
                     u[completes_at + i] += 1
-            elif r.payment_method_id and et.startswith("payment"):
-                h = hashes.get(r.payment_method_id)
+            elif (pm := r[_PM]) and et.startswith("payment"):
+                h = hashes.get(pm)
                 if h is None:
-                    h = hashes[r.payment_method_id] = (_h64(r.payment_method_id) >> 32) or 1
+                    h = hashes[pm] = (_h64(pm) >> 32) or 1
                 _note(u, h, t, c.pay, c.pay_t, c.npm)
-        out = [a for uid, u in touched.items() if (a := self._evaluate(uid, u)) is not None]
+        yield
+        out = []
+        for n, (uid, u) in enumerate(touched.items()):
+            if n and not n % step:
+                yield
+            if (a := self._evaluate(uid, u)) is not None:
+                out.append(a)
+        yield
         users.store(list(touched.values()), self.now)
         users.expire(self.now)
         return out
@@ -862,5 +905,5 @@ class FraudDetector:
             },
             # all fraud findings share one scope (they are few); within it, accounts that share an
             # artist, a device or a country are one farm (see alerting.correlate_step)
-            scope="fraud",
+            scope=FRAUD_SCOPE,
         )

@@ -18,11 +18,11 @@ No Kafka, no Faust: the worker's agents and the offline pipeline feed these the 
 from __future__ import annotations
 
 import time
-from typing import Any, NamedTuple, Optional, Sequence
+from typing import Any, Generator, NamedTuple, Optional, Sequence
 
 from ..settings import Settings
 from .base import Anomaly
-from .behavior import BehaviorRateDetector, FraudDetector
+from .behavior import BehaviorRateDetector, FraudDetector, drain
 from .quality import AudioQualityDetector
 from .system import SystemMetricsDetector
 
@@ -172,7 +172,8 @@ class FraudEvent(NamedTuple):
 
 
 def _order(row: Sequence[Any]) -> tuple:
-    return tuple("" if v is None else v for v in row)
+    """A row's place in a window: by time, then by every field (no field is None in the key)."""
+    return (row[0], row[1] or "", row[2] or "", row[3] or "", row[4] or "", row[5] or "", row[6] or "", row[7] or "")
 
 
 _WHOLE = 2**62  # the ordinal of a row without one (an older worker's): its whole offset
@@ -197,6 +198,13 @@ class FraudStage:
 
     def add(self, source_partition: int, rows: Sequence[Sequence[Any]], closed_until: Optional[int],
             now: Optional[float] = None, of: Optional[int] = None) -> list[Anomaly]:
+        """The rows of one fraud message, and its source partition's progress; the anomalies of the
+        windows it completes."""
+        return drain(self.add_steps(source_partition, rows, closed_until, now, of))
+
+    def add_steps(self, source_partition: int, rows: Sequence[Sequence[Any]], closed_until: Optional[int],
+                  now: Optional[float] = None, of: Optional[int] = None) -> Generator[None, None, list[Anomaly]]:
+        """:meth:`add` in steps (see :meth:`FraudDetector.process_steps`)."""
         top = (self.offsets.get(source_partition, -1), self.ordinals.get(source_partition, _WHOLE))
         for row in rows:
             if len(row) > 8 and (row[8], row[9] if len(row) > 9 else _WHOLE) <= top:  # read again after a restart of its partition
@@ -210,9 +218,14 @@ class FraudStage:
             self.offsets[source_partition], self.ordinals[source_partition] = newest
         if closed_until is not None:
             self.progress.update(source_partition, closed_until, now, of)
-        return self.advance(now)
+        return (yield from self.advance_steps(now))
 
     def advance(self, now: Optional[float] = None, until: Optional[int] = None) -> list[Anomaly]:
+        """Score the windows the progress (or ``until``) has passed; their anomalies."""
+        return drain(self.advance_steps(now, until))
+
+    def advance_steps(self, now: Optional[float] = None, until: Optional[int] = None) -> Generator[None, None, list[Anomaly]]:
+        """:meth:`advance` in steps (see :meth:`FraudDetector.process_steps`)."""
         wm = self.progress.watermark(now) if until is None else until
         if wm is None or wm <= self.done_until:
             return []
@@ -222,6 +235,7 @@ class FraudStage:
             return []
         self.pending = [r for r in self.pending if r[0] >= wm]
         ready.sort(key=_order)
+        yield
         out: list[Anomaly] = []
         lo = 0
         while lo < len(ready):
@@ -229,7 +243,7 @@ class FraudStage:
             hi = lo
             while hi < len(ready) and ready[hi][0] < window + self.size_ms:
                 hi += 1
-            out.extend(self.detector.process([FraudEvent(*r) for r in ready[lo:hi]], window + self.size_ms))
+            out.extend((yield from self.detector.process_steps(ready[lo:hi], window + self.size_ms)))
             lo = hi
         return out
 
