@@ -50,6 +50,7 @@ from soundcheck.alerting import silences
 from soundcheck.alerting.engine import AlertEngine
 from soundcheck.ingest.contracts import Rejection
 from soundcheck.detectors.base import Anomaly
+from soundcheck.detectors.behavior import FRAUD_SCOPE
 from soundcheck.ingest.deadletters import dead_letters
 from soundcheck.kafka.admin import TABLES, read_since
 
@@ -85,7 +86,8 @@ def register(app: faust.App, ctx: Any) -> None:
     # again, and anomalies taken late the first time would be taken in time, or the other way round)
     clocks: dict[int, dict[tuple[str, int], tuple[int, float]]] = {}  # partition -> (stream, source) -> (event time, wall time)
     first_tick: dict[int, float] = {}
-    moved: dict[int, int] = {}  # partition -> the clock last acted on
+    moved: dict[int, int] = {}  # partition -> the fraud scope's clock last acted on (every source's slowest tick)
+    moved_streams: dict[int, int] = {}  # partition -> the other scopes' clock last acted on (the aggregates' slowest)
 
     def load_clock(partition: int) -> dict[tuple[str, int], tuple[int, float]]:
         """This partition's clock, from the table the first time this worker sees it; its sources
@@ -97,13 +99,17 @@ def register(app: faust.App, ctx: Any) -> None:
                                  for k, t in (saved.get("sources") or {}).items()}
             if saved.get("moved") is not None:
                 moved[partition] = int(saved["moved"])
+            if saved.get("moved_streams") is not None:
+                moved_streams[partition] = int(saved["moved_streams"])
+            elif partition in moved:  # a clock saved before the scopes had two
+                moved_streams[partition] = moved[partition]
             if clocks[partition]:
                 first_tick[partition] = wall
         return clocks[partition]
 
     def save_clock(partition: int) -> None:
         clock_table[str(partition)] = {"sources": {f"{stream}:{src}": t for (stream, src), (t, _) in clocks[partition].items()},
-                                       "moved": moved.get(partition)}
+                                       "moved": moved.get(partition), "moved_streams": moved_streams.get(partition)}
 
     def stage2_partitions() -> tuple[int, int]:
         """The partition counts of the aggregates and fraud topics."""
@@ -229,17 +235,21 @@ def register(app: faust.App, ctx: Any) -> None:
         live = {key: t for key, (t, seen) in sources.items() if wall - seen < STREAM_SILENT_S}
         streams = [t for (stream, _), t in live.items() if stream != "fraud"]
         fraud = [t for (stream, _), t in live.items() if stream == "fraud"]
-        # a lagging fraud stage holds the clock back (so that no fraud alert resolves while its next
-        # anomaly is still coming, whatever the speed of a replay); one that stops ticking stops
-        # counting after STREAM_SILENT_S of wall time
+        # two clocks. The fraud scope's is the slowest of every source: a lagging fraud stage holds
+        # it back (so that no fraud alert resolves while its next anomaly is still coming, whatever
+        # the speed of a replay). Every other scope takes anomalies of the aggregates' detectors
+        # only, so its clock is the slowest aggregates tick: the fraud stage, which scores a whole
+        # window of behaviour events at once when the window closes, does not hold region alerts
+        # back. A source that stops ticking stops counting after STREAM_SILENT_S of wall time.
         now = min(streams + fraud) if streams or fraud else int(doc["event_time"])
-        if now <= moved.get(partition, -(2**62)):
-            return []  # the slowest source has not moved: nothing is due
-        moved[partition] = now
+        now_streams = min(streams) if streams else now
+        if now <= moved.get(partition, -(2**62)) and now_streams <= moved_streams.get(partition, -(2**62)):
+            return []  # the slowest sources have not moved: nothing is due
+        moved[partition], moved_streams[partition] = max(now, moved.get(partition, now)), max(now_streams, moved_streams.get(partition, now_streams))
         save_clock(partition)
         notes: list[dict[str, Any]] = []
         for scope in [k for k in list(scopes.keys()) if partition_of(k, partitions) == partition]:
-            notes += engine.on_tick(scope, now, int(wall * 1000))
+            notes += engine.on_tick(scope, now if scope == FRAUD_SCOPE else now_streams, int(wall * 1000))
         return notes
 
     async def alerting(stream: faust.StreamT) -> None:

@@ -682,8 +682,9 @@ def stage_times(internal: Mapping[str, Sequence[Any]], alert: Mapping[str, Any],
     """When (wall clock, ms: the records' CreateTime) each stage was done with the alert's window:
     ``stage 1`` every (stream, input partition) had sent an aggregates message closing it;
     ``stage 2`` the anomaly of the alert's kind and window was on the anomalies topic; ``clock``
-    every (stream, stage-2 partition) had ticked past it on that anomaly's partition; ``alert``
-    its append time. A stage whose records are not found is left out."""
+    every (stream, stage-2 partition) whose ticks move the alert's scope had ticked past it on
+    that anomaly's partition (the fraud stage's ticks move the fraud scope only); ``alert`` its
+    append time. A stage whose records are not found is left out."""
     end = int(alert["event_time"])
     closed: dict[tuple[str, int], int] = {}
     for m in internal["aggregates"]:
@@ -699,11 +700,12 @@ def stage_times(internal: Mapping[str, Sequence[Any]], alert: Mapping[str, Any],
              and int(a.get("event_time", -1)) == end]
     if found:
         out["stage 2"], partition = min(found)
+        fraud = alert.get("kind") == "streaming_fraud"
         ticks: dict[tuple[str, int], int] = {}
         for m in internal["anomalies"]:
             if m.partition == partition and b'"tick"' in m.value:
                 doc = orjson.loads(m.value)
-                if "tick" in doc and int(doc["event_time"]) >= end:
+                if "tick" in doc and int(doc["event_time"]) >= end and (fraud or doc["tick"] != "fraud"):
                     key = (doc["tick"], int(doc.get("source", -1)))
                     ticks[key] = min(ticks.get(key, m.timestamp), m.timestamp)
         if ticks:

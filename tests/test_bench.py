@@ -29,9 +29,13 @@ def test_each_stage_is_done_when_its_last_source_has_passed_the_window():
         Rec(orjson.dumps({"tick": "system", "source": 0, "event_time": end}), 480, 0),  # another anomalies partition
         Rec(orjson.dumps({"tick": "system", "source": 0, "event_time": end}), 500, 1),
         Rec(orjson.dumps({"tick": "system", "source": 0, "event_time": end + 10_000}), 700, 1),
+        Rec(orjson.dumps({"tick": "fraud", "source": 0, "event_time": end}), 560, 1),  # moves the fraud scope only
     ]
     got = stage_times({"aggregates": aggregates, "anomalies": anomalies}, {"kind": "cdn_degradation", "event_time": end}, 600)
     assert got == {"stage 1": 300, "stage 2": 400, "clock": 500, "alert": 600}
+    fraud = [*anomalies, Rec(orjson.dumps({"kind": "streaming_fraud", "event_time": end}), 410, 1)]
+    got = stage_times({"aggregates": aggregates, "anomalies": fraud}, {"kind": "streaming_fraud", "event_time": end}, 600)
+    assert got["clock"] == 560  # a fraud alert waits for the fraud stage's tick too
 
 
 def test_a_stage_whose_records_are_missing_is_left_out():
