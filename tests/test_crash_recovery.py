@@ -347,9 +347,10 @@ GROUPING = ("group", "related", "root_cause")
 #: a fraud farm's notification carries its incident's view in its own fields: the incident it is
 #: (``incident_id``) and the accounts the farm held when it was sent (``details``: accounts,
 #: joined, links, example). Which accounts an account anomaly taken late joins is the same kind
-#: of view, and a replacement can differ in it the same way (measured: this test failed on it in 3
-#: of 5 local runs at e84b422: the same farm notification with other details under another
-#: incident id); its account count, fingerprint, severity, priority and times must still be equal
+#: of view, and a replacement can differ in it the same way (measured at e84b422: this test failed
+#: in 3 of 5 local runs, the one whose output was kept on exactly this, the same farm notification
+#: with other details under another incident id); its account count, fingerprint, severity,
+#: priority and times must still be equal
 FARM_VIEW = ("incident_id", "details")
 
 
