@@ -257,7 +257,7 @@ class DetectStage:
     settings: Settings
     stages: dict[str, Stage2] = field(default_factory=dict)
     fraud: Optional[FraudStage] = None
-    idle_s: float = 10.0
+    idle_s: Optional[float] = None  # None: stage2.idle_after_s
 
     def __post_init__(self) -> None:
         for s in STREAMS:

@@ -269,3 +269,29 @@ def test_fraud_detector_in_steps_finds_and_keeps_what_it_does_in_one_piece(setti
     assert found_whole and [a.to_json() for a in found_stepped] == [a.to_json() for a in found_whole]
     assert pickle.dumps(stepped.users.state) == pickle.dumps(whole.users.state)
     assert drain(iter(())) is None
+
+
+def test_partitions_reporting_once_a_window_are_never_taken_for_idle(settings):
+    """On live traffic stage 1 moves each input partition's progress once a window, each a moment
+    after the window closes: stage 2 waits for all of them, and no partition's partials come after
+    their window was evaluated (at an idle time of one window, about a fifth did)."""
+    import random
+
+    from soundcheck.detectors.stage2 import SourceProgress, idle_after_s
+
+    size = settings.windows.aggregate_s
+    rng = random.Random(1)
+    progress = SourceProgress(idle_after_s(settings))
+    done, late, messages = -1, 0, 0
+    for k in range(1, 200):
+        for wall, part in sorted((size * k + rng.uniform(0, 0.4), p) for p in range(6)):
+            messages += 1
+            late += size * 1000 * k <= done  # its window was evaluated before its partials came
+            progress.update(part, size * 1000 * k, now=wall, of=6)
+            done = max(done, progress.watermark(now=wall) or -1)
+    assert messages == 199 * 6 and late == 0
+    assert done == size * 1000 * 199
+    # a partition that really stops (its worker died) is left out after idle_after_s, not before
+    progress.update(0, size * 1000 * 200, now=size * 200.0, of=6)
+    assert progress.watermark(now=size * 200.0) == size * 1000 * 199
+    assert progress.watermark(now=size * 199.5 + idle_after_s(settings)) == size * 1000 * 200
