@@ -3,8 +3,9 @@
 * :class:`IngestStage` is stage 1 of one input stream over the input partitions a worker reads:
   decode (:mod:`soundcheck.ingest.contracts`), partial aggregates (:mod:`soundcheck.ingest.partials`),
   and the messages for the internal topics: partials keyed by entity for the aggregates topic,
-  behaviour rows keyed by pseudonymised user for the fraud topic, each with the partition's
-  progress (:class:`AggregatesMessage`).
+  behaviour rows keyed by pseudonymised user for the fraud topic (held until the partition's
+  progress moves, then sent with it: a few messages a window, not one per batch and fraud
+  partition), each with the partition's progress (:class:`AggregatesMessage`).
 * :class:`~soundcheck.detectors.stage2.Stage2` / :class:`~soundcheck.detectors.stage2.FraudStage`
   merge those per entity and detect.
 * :class:`OfflinePipeline` runs the very same code over a simulator run without a broker, with
@@ -16,7 +17,7 @@ from __future__ import annotations
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import numpy as np
 import orjson
@@ -86,6 +87,13 @@ def _parts(items: Sequence[Any], encode: Any) -> list[tuple[Sequence[Any], bytes
     return _parts(items[:half], encode) + _parts(items[half:], encode)
 
 
+def _progress_last(items: Sequence[Any], encode: Any, encode_before: Any) -> list[tuple[Sequence[Any], bytes]]:
+    """:func:`_parts` of ``items``, every part but the last encoded with ``encode_before`` (the
+    previous progress): stage 2 closes no window before it has all the parts."""
+    parts = _parts(items, encode)
+    return [(chunk, encode_before(chunk) if k < len(parts) - 1 else value) for k, (chunk, value) in enumerate(parts)]
+
+
 def decode_internal(value: bytes) -> dict[str, Any]:
     """An aggregates or fraud message (see schemas/aggregates.schema.json)."""
     doc = orjson.loads(value)
@@ -115,6 +123,8 @@ class IngestStage:
         self.input_partitions = 0  # the input topic's partition count (0: unknown), told to stage 2
         self.parts: dict[int, PartitionAggregator] = {}
         self.sent_progress: dict[int, int] = {}
+        #: behaviour rows for the fraud stage not sent yet: input partition -> fraud partition -> rows
+        self.fraud_rows: dict[int, dict[int, list]] = {}
         self.pseudonyms = Pseudonyms(settings.pseudonym_key, bool(settings.privacy.get("pseudonymize_user_ids", True)))
         self.devices = Pseudonyms(settings.pseudonym_key, True)
         self.max_future_ms = int(settings.worker.max_future_skew_s * 1000)
@@ -132,6 +142,7 @@ class IngestStage:
     def drop(self, partition: int) -> None:
         self.parts.pop(partition, None)
         self.sent_progress.pop(partition, None)
+        self.fraud_rows.pop(partition, None)  # their records are not committed (open windows): the next owner reads them
 
     def process(self, partition: int, records: Sequence[Any], offsets: Optional[np.ndarray] = None,
                 now: Optional[float] = None, ordinals: Optional[Sequence[int]] = None) -> list[AggregatesMessage]:
@@ -139,12 +150,15 @@ class IngestStage:
         position among the records of its offset, when the records are not a whole batch)."""
         pa = self.get(partition)
         out: list[AggregatesMessage] = []
+        rows = None
         if records and self.stream == "behavior":
             rows = fraud_rows(records, pa.closed_until, pa.size_ms, self.pseudonyms, self.fraud_partitions, self.devices,
                               offsets.tolist() if offsets is not None else None, ordinals)
-            out.extend(AggregatesMessage("fraud", part, value) for part, r in sorted(rows.items())
-                       for _, value in _parts(r, lambda x: encode_rows(partition, pa.closed_until, x, of=self.input_partitions)))
         pa.add(records, offsets)
+        if rows:  # held until this partition's progress moves (_close): a few messages a window, not one per batch
+            held = self.fraud_rows.setdefault(partition, {})
+            for part, r in rows.items():
+                held.setdefault(part, []).extend(r)
         now = time.time() if now is None else now
         wm = pa.watermark()
         if now != float("inf"):  # one record from the near future cannot close everything
@@ -158,12 +172,13 @@ class IngestStage:
         the state before it: returns the messages and the (index, reason) of the records that failed
         alone, so that one bad record costs its own dead letter and its neighbours go on."""
         pa = self.get(partition)
-        saved, sent = pa.snapshot(), self.sent_progress.get(partition)
+        saved, sent, held = pa.snapshot(), self.sent_progress.get(partition), self._held(partition)
         try:
             return self.process(partition, records, offsets, now), []
         except Exception as exc:
             first = f"{type(exc).__name__}: {str(exc)[:200]}"
         self.parts[partition] = saved
+        self._unhold(partition, held)
         if sent is None:
             self.sent_progress.pop(partition, None)
         else:
@@ -172,13 +187,25 @@ class IngestStage:
         failed: list[tuple[int, str]] = []
         ordinals = offset_ordinals(offsets.tolist() if offsets is not None else [0] * len(records))
         for j, rec in enumerate(records):
-            before = self.parts[partition].snapshot()
+            before, held = self.parts[partition].snapshot(), self._held(partition)
             try:
                 out += self.process(partition, [rec], None if offsets is None else offsets[j:j + 1], now, ordinals[j:j + 1])
             except Exception as exc:
                 self.parts[partition] = before
+                self._unhold(partition, held)
                 failed.append((j, f"{type(exc).__name__}: {str(exc)[:200]} (the batch failed with {first})"))
         return out, failed
+
+    def _held(self, partition: int) -> dict[int, int]:
+        """How many fraud rows ``partition`` holds per fraud partition (to undo a failed batch)."""
+        return {k: len(v) for k, v in self.fraud_rows.get(partition, {}).items()}
+
+    def _unhold(self, partition: int, held: Mapping[int, int]) -> None:
+        """Back to ``held`` (:meth:`_held`): rows are only appended, and only sent (popped) once
+        encoded, so a failed batch added at most rows past those counts."""
+        rows = self.fraud_rows.get(partition)
+        if rows is not None:
+            self.fraud_rows[partition] = {k: v[:held[k]] for k, v in rows.items() if held.get(k)}
 
     def idle(self, partitions: Iterable[int], target: Optional[int] = None) -> list[AggregatesMessage]:
         """These partitions are caught up (nothing more to read): they move on with the slowest of
@@ -222,14 +249,16 @@ class IngestStage:
         of = self.input_partitions
         out = []
         for i, ps in by_part.items():
-            parts = _parts(ps, lambda x: encode_partials(self.stream, partition, pa.closed_until, x, quiet, of))
-            for k, (chunk, value) in enumerate(parts):
-                if k < len(parts) - 1:  # the progress goes with the last part: stage 2 closes no window before it has them all
-                    value = encode_partials(self.stream, partition, before, chunk, False, of)
+            for _, value in _progress_last(ps, lambda x: encode_partials(self.stream, partition, pa.closed_until, x, quiet, of),
+                                           lambda x: encode_partials(self.stream, partition, before, x, False, of)):
                 out.append(AggregatesMessage("aggregates", i, value))
-        if self.stream == "behavior":  # the fraud stage needs the progress too
-            out.extend(AggregatesMessage("fraud", i, encode_rows(partition, pa.closed_until, [], quiet, of))
-                       for i in range(self.fraud_partitions))
+        if self.stream == "behavior":  # the fraud stage needs the rows held so far and the progress
+            held = self.fraud_rows.get(partition, {})
+            for i in range(self.fraud_partitions):
+                for _, value in _progress_last(held.get(i, []), lambda x: encode_rows(partition, pa.closed_until, x, quiet, of),
+                                               lambda x: encode_rows(partition, before, x, False, of)):
+                    out.append(AggregatesMessage("fraud", i, value))
+            self.fraud_rows.pop(partition, None)  # once encoded: a failure before leaves them held
         return out
 
     def busy_progress(self, partitions: Iterable[int]) -> Optional[int]:

@@ -387,8 +387,46 @@ def test_a_batch_retried_record_by_record_keeps_every_fraud_row(settings, monkey
         return original(self, recs, offsets)
 
     monkeypatch.setattr(partials.PartitionAggregator, "add", failing)
-    out, failed = IngestStage(settings, "behavior").process_safely(0, records, np.full(20, 3, dtype=np.int64), now=T0 / 1000)
+    ing = IngestStage(settings, "behavior")
+    out, failed = ing.process_safely(0, records, np.full(20, 3, dtype=np.int64), now=T0 / 1000)
     assert failed == []
+    out += ing.flush()  # the rows go out with the partition's progress
+    stage = FraudStage(settings)
+    for m in out:
+        if m.topic == "fraud":
+            doc = decode_internal(m.value)
+            stage.add(doc["source"], doc["rows"], None)
+    assert (len(stage.pending), stage.duplicates) == (20, 0)
+
+
+def test_a_batch_that_fails_after_its_rows_were_held_holds_them_once(settings, monkeypatch):
+    """A failure past the point where stage 1 holds the batch's fraud rows (closing windows, say)
+    undoes that too: the record-by-record retry holds each row once, not twice."""
+    import numpy as np
+    import orjson
+
+    from soundcheck.ingest import partials
+    from soundcheck.ingest.contracts import load_contracts
+    from soundcheck.pipeline import IngestStage, decode_internal
+
+    base = {"ts": T0, "user_id": "u-one", "session_id": "s-1", "device_id": "d-1", "country": "US",
+            "user_segment": "free", "event_type": "play_start", "track_id": "tr-1", "artist_id": "ar-1"}
+    records, _ = load_contracts()["behavior"].decode(
+        orjson.dumps([{**base, "event_id": f"b-{i}", "ts": T0 + i} for i in range(20)]), now_ms=T0 + 10**7)
+    original = partials.PartitionAggregator.advance
+    calls = []
+
+    def failing(self, watermark):
+        calls.append(watermark)
+        if len(calls) == 1:
+            raise ZeroDivisionError("a bug of ours met after the rows were held")
+        return original(self, watermark)
+
+    monkeypatch.setattr(partials.PartitionAggregator, "advance", failing)
+    ing = IngestStage(settings, "behavior")
+    out, failed = ing.process_safely(0, records, np.full(20, 3, dtype=np.int64), now=T0 / 1000)
+    assert failed == [] and len(calls) > 1
+    out += ing.flush()
     stage = FraudStage(settings)
     for m in out:
         if m.topic == "fraud":
