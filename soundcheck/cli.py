@@ -20,6 +20,8 @@ def _settings(args: argparse.Namespace):
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    import gc
+
     import faust
 
     from streams.app import create_app
@@ -46,6 +48,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
     app, _ = create_app(settings)
     level = {"warn": "warn", "warning": "warn", "info": "info", "debug": "debug", "error": "error"}.get(settings.worker.log_level, "info")
     worker = faust.Worker(app, loglevel=level, quiet=True)
+    # what is built so far (modules, the app, its agents) lives as long as the process: out of the
+    # garbage collector's full collections, which otherwise walk it every few seconds
+    gc.freeze()
     worker.execute_from_commandline()
     return 0
 

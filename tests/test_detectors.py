@@ -271,6 +271,30 @@ def test_fraud_detector_in_steps_finds_and_keeps_what_it_does_in_one_piece(setti
     assert drain(iter(())) is None
 
 
+def test_a_window_sorted_in_steps_is_sorted_as_in_one_piece():
+    """The fraud stage sorts a closed window's rows in runs merged step by step: the same order as
+    one stable sort, ties (rows equal in every field) included, whatever the run length."""
+    import random
+
+    from soundcheck.detectors.stage2 import _order, _sorted_steps
+
+    rng = random.Random(5)
+    rows = [(T0 + rng.randrange(50), f"u{rng.randrange(30)}", rng.choice(["play_start", "skip"]), "d", "SE", None, None, None)
+            for _ in range(1_000)]
+    rows = [r + (i,) for i, r in enumerate(rows)]  # a tag past the key: equal keys keep their order
+    for chunk in (1, 7, 100, 999, 1_000, 5_000):
+        gen, steps = _sorted_steps(list(rows), chunk), 0
+        while True:
+            try:
+                next(gen)
+                steps += 1
+            except StopIteration as done:
+                out = done.value
+                break
+        assert out == sorted(rows, key=_order), chunk
+        assert (steps > 0) == (chunk < len(rows))
+
+
 def test_partitions_reporting_once_a_window_are_never_taken_for_idle(settings):
     """On live traffic stage 1 moves each input partition's progress once a window, each a moment
     after the window closes: stage 2 waits for all of them, and no partition's partials come after

@@ -545,6 +545,24 @@ class FraudState:
         return out
 
 
+#: records (or users loaded, scored, stored) per step of FraudDetector.process_steps: 1-3 ms. Every
+#: step is a turn of the worker's event loop, and faust-streaming's consumer hands over one message
+#: per turn, so this bounds how long a region's aggregates wait behind the fraud stage's window
+STEP_RECORDS = 500
+# the fields of a fraud record (FraudEvent's order)
+_TS, _USER, _ET, _DEV, _CTY, _SEG, _ARTIST, _PM = range(8)
+
+
+def drain(steps: Generator[None, None, Any]) -> Any:
+    """Run a generator of steps to its end; its return value."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
+
 class FraudUsers:
     """The users a :class:`FraudDetector` tracks: at most ``max_entries``, the least recently seen
     dropped first (counted in ``evicted``), users idle for ``idle_ms`` of event time dropped by
@@ -578,30 +596,46 @@ class FraudUsers:
 
     def load(self, user_ids: Sequence[Any], now: int) -> dict[Any, list]:
         """The activity of these users (see :meth:`FraudState.unpack`; new users: empty)."""
+        return drain(self.load_steps(user_ids, now))
+
+    def load_steps(self, user_ids: Sequence[Any], now: int, step: int = STEP_RECORDS) -> Generator[None, None, dict[Any, list]]:
+        """:meth:`load` in steps of ``step`` users (see :meth:`FraudDetector.process_steps`)."""
         st = self.state
         st._settle()
         keys = [_h64(uid) for uid in user_ids]
         slots = st.find(np.array(keys, np.uint64)).tolist()
-        buf, blank = st.buffer(), _codec(self.layout).blank
+        blank = _codec(self.layout).blank
         out = {}
-        for uid, k, s in zip(user_ids, keys, slots):
-            if s >= 0:
-                out[uid] = st.unpack(s, k, now, self.idle_ms, buf)
-            else:
-                u = out[uid] = blank[:]
-                u[_SLOT], u[_KEY] = -1, k
+        for lo in range(0, len(keys), step):
+            if lo:
+                yield
+            buf = st.buffer()  # (taken again after a pause: nothing moves the state meanwhile, but cheap)
+            for uid, k, s in zip(user_ids[lo:lo + step], keys[lo:lo + step], slots[lo:lo + step]):
+                if s >= 0:
+                    out[uid] = st.unpack(s, k, now, self.idle_ms, buf)
+                else:
+                    u = out[uid] = blank[:]
+                    u[_SLOT], u[_KEY] = -1, k
         return out
 
     def store(self, touched: Sequence[list], now: int) -> None:
         """Pack the activity of the users a batch touched; new users past ``max_entries`` push out
         the least recently seen."""
+        drain(self.store_steps(touched, now))
+
+    def store_steps(self, touched: Sequence[list], now: int, step: int = STEP_RECORDS) -> Generator[None, None, None]:
+        """:meth:`store` in steps of ``step`` users (see :meth:`FraudDetector.process_steps`)."""
         st = self.state
         st.clock = now
         new = [u for u in touched if u[_SLOT] < 0]
-        buf = st.buffer()
-        for u in touched:
-            if u[_SLOT] >= 0:
+        old = [u for u in touched if u[_SLOT] >= 0]
+        for lo in range(0, len(old), step):
+            if lo:
+                yield
+            buf = st.buffer()
+            for u in old[lo:lo + step]:
                 st.pack(u, u[_SLOT], buf)
+        yield
         over = len(st.keys_) + len(new) - self.max_entries
         if over > 0:
             seen = np.concatenate([st.column("seen")[st.slots], np.array([u[_SEEN] for u in new], np.int64)])
@@ -613,9 +647,12 @@ class FraudUsers:
             self.evicted += over
         if new:
             slots = st.allocate(len(new), self.max_entries)
-            buf = st.buffer()
-            for u, s in zip(new, slots.tolist()):
-                st.pack(u, s, buf)
+            for lo in range(0, len(new), step):
+                if lo:
+                    yield
+                buf = st.buffer()
+                for u, s in zip(new[lo:lo + step], slots[lo:lo + step].tolist()):
+                    st.pack(u, s, buf)
             st.insert(np.array([u[_KEY] for u in new], np.uint64), slots)
         if touched:
             st.oldest = min(st.oldest, min(u[_SEEN] for u in touched))
@@ -634,20 +671,6 @@ class FraudUsers:
         st.remove(np.flatnonzero(~keep))
         st.oldest = int(seen[keep].min()) if keep.any() else 2**62
         return int(len(seen) - keep.sum())
-
-
-STEP_RECORDS = 2_000  # records (or users scored) per step of FraudDetector.process_steps: a few ms
-# the fields of a fraud record (FraudEvent's order)
-_TS, _USER, _ET, _DEV, _CTY, _SEG, _ARTIST, _PM = range(8)
-
-
-def drain(steps: Generator[None, None, Any]) -> Any:
-    """Run a generator of steps to its end; its return value."""
-    while True:
-        try:
-            next(steps)
-        except StopIteration as done:
-            return done.value
 
 
 FRAUD_SCOPE = "fraud"  # the correlation scope of every fraud finding (the alerting clock of this scope waits for the fraud stage)
@@ -699,7 +722,8 @@ class FraudDetector:
             self.now = max(self.now, top if event_time is None else min(event_time, top))
         users = self.users
         st = users.state
-        touched = users.load(list(dict.fromkeys(r[_USER] for r in records)), self.now)
+        touched = yield from users.load_steps(list(dict.fromkeys(r[_USER] for r in records)), self.now, step)
+        yield
         c = _codec(self.layout)
         nb, bucket_ms, unit = c.nb, c.bucket_ms, c.unit_ms
         plays_at, completes_at, firsts_at, lasts_at = c.plays, c.completes, c.b_first, c.b_last
@@ -768,7 +792,8 @@ class FraudDetector:
             if (a := self._evaluate(uid, u)) is not None:
                 out.append(a)
         yield
-        users.store(list(touched.values()), self.now)
+        yield from users.store_steps(list(touched.values()), self.now, step)
+        yield
         users.expire(self.now)
         return out
 

@@ -436,7 +436,7 @@ def offset_ordinals(offsets: Sequence[int]) -> list[int]:
 
 def fraud_rows(records: Sequence[Any], closed_until: int, size_ms: int, pseudonyms: Pseudonyms,
                partitions: int, device_pseudonyms: Optional[Pseudonyms] = None,
-               offsets: Optional[Sequence[int]] = None, ordinals: Optional[Sequence[int]] = None) -> dict[int, list[list]]:
+               offsets: Optional[Sequence[int]] = None, ordinals: Optional[Sequence[int]] = None) -> dict[int, list[tuple]]:
     """Compact rows of the behaviour events the fraud detector reads, grouped by the fraud
     topic's partition of their user: ``[ts, user, event_type, device, country, segment, artist,
     payment_method, source offset, ordinal]`` with user, device and payment method pseudonymised (the offset and
@@ -445,7 +445,7 @@ def fraud_rows(records: Sequence[Any], closed_until: int, size_ms: int, pseudony
     closed on this partition) are left out, as stage 1 leaves them out of the aggregates.
 
     Every event type counts for devices and countries, so every event is forwarded."""
-    out: dict[int, list[list]] = {}
+    out: dict[int, list[tuple]] = {}  # tuples: rows held for a window leave the garbage collector's care
     devices = device_pseudonyms or pseudonyms
     ucache, dcache = pseudonyms._cache, devices._cache  # inlined look-ups: this loop is per record
     where: dict[str, list] = {}
@@ -469,5 +469,5 @@ def fraud_rows(records: Sequence[Any], closed_until: int, size_ms: int, pseudony
         pm = r.payment_method_id if et in kinds else None
         if pm is not None:  # a payment method id is personal data too (and often embeds the user's)
             pm = dcache.get(pm) or devices(pm)
-        bucket.append([ts, u, et, dcache.get(dev) or devices(dev), r.country, r.user_segment, r.artist_id, pm, off, k])
+        bucket.append((ts, u, et, dcache.get(dev) or devices(dev), r.country, r.user_segment, r.artist_id, pm, off, k))
     return out
