@@ -562,7 +562,6 @@ def drain(steps: Generator[None, None, Any]) -> Any:
             return done.value
 
 
-
 class FraudUsers:
     """The users a :class:`FraudDetector` tracks: at most ``max_entries``, the least recently seen
     dropped first (counted in ``evicted``), users idle for ``idle_ms`` of event time dropped by
@@ -604,12 +603,11 @@ class FraudUsers:
         st._settle()
         keys = [_h64(uid) for uid in user_ids]
         slots = st.find(np.array(keys, np.uint64)).tolist()
-        blank = _codec(self.layout).blank
+        buf, blank = st.buffer(), _codec(self.layout).blank  # (nothing moves the rows while this runs)
         out = {}
         for lo in range(0, len(keys), step):
             if lo:
                 yield
-            buf = st.buffer()  # (taken again after a pause: nothing moves the state meanwhile, but cheap)
             for uid, k, s in zip(user_ids[lo:lo + step], keys[lo:lo + step], slots[lo:lo + step]):
                 if s >= 0:
                     out[uid] = st.unpack(s, k, now, self.idle_ms, buf)

@@ -4,8 +4,9 @@ A :class:`Stage2` holds the per-entity detectors of one stream (baselines, serie
 for the entities of one aggregates partition. Each input partition's stage 1 tells how far its
 windows are closed (its *progress*); a window is complete, and detected on, once every active
 input partition's progress has passed its end (:class:`SourceProgress`). An input partition that
-has not advanced for ``idle_s`` of wall time (three windows: :func:`idle_after_s`) stops holding the others back: wall time decides
-*when* to act on a quiet stream, never *what* a complete window holds.
+has not advanced for ``idle_s`` of wall time (three windows: :func:`idle_after_s`) stops holding
+the others back: wall time decides *when* to act on a quiet stream, never *what* a complete
+window holds.
 
 :class:`FraudStage` does the same for the fraud detector over the repartitioned behaviour events
 (keyed by pseudonymised user): events are buffered until the progress passes their window, then
