@@ -365,6 +365,18 @@ def test_a_huge_message_is_split_into_internal_messages_that_fit_and_none_of_its
         assert (taken, duplicates) == (50_000, 50_000 if again else 0)
 
 
+def _fraud_stage_fed(settings, out):
+    """A fraud stage fed the fraud messages among stage 1's ``out`` (the rows only, no progress)."""
+    from soundcheck.pipeline import decode_internal
+
+    stage = FraudStage(settings)
+    for m in out:
+        if m.topic == "fraud":
+            doc = decode_internal(m.value)
+            stage.add(doc["source"], doc["rows"], None)
+    return stage
+
+
 def test_a_batch_retried_record_by_record_keeps_every_fraud_row(settings, monkeypatch):
     """One array message (one offset) whose batch fails in our code is retried record by record:
     its records keep their positions within the message, so the fraud stage takes each once."""
@@ -373,7 +385,7 @@ def test_a_batch_retried_record_by_record_keeps_every_fraud_row(settings, monkey
 
     from soundcheck.ingest import partials
     from soundcheck.ingest.contracts import load_contracts
-    from soundcheck.pipeline import IngestStage, decode_internal
+    from soundcheck.pipeline import IngestStage
 
     base = {"ts": T0, "user_id": "u-one", "session_id": "s-1", "device_id": "d-1", "country": "US",
             "user_segment": "free", "event_type": "play_start", "track_id": "tr-1", "artist_id": "ar-1"}
@@ -391,11 +403,7 @@ def test_a_batch_retried_record_by_record_keeps_every_fraud_row(settings, monkey
     out, failed = ing.process_safely(0, records, np.full(20, 3, dtype=np.int64), now=T0 / 1000)
     assert failed == []
     out += ing.flush()  # the rows go out with the partition's progress
-    stage = FraudStage(settings)
-    for m in out:
-        if m.topic == "fraud":
-            doc = decode_internal(m.value)
-            stage.add(doc["source"], doc["rows"], None)
+    stage = _fraud_stage_fed(settings, out)
     assert (len(stage.pending), stage.duplicates) == (20, 0)
 
 
@@ -407,7 +415,7 @@ def test_a_batch_that_fails_after_its_rows_were_held_holds_them_once(settings, m
 
     from soundcheck.ingest import partials
     from soundcheck.ingest.contracts import load_contracts
-    from soundcheck.pipeline import IngestStage, decode_internal
+    from soundcheck.pipeline import IngestStage
 
     base = {"ts": T0, "user_id": "u-one", "session_id": "s-1", "device_id": "d-1", "country": "US",
             "user_segment": "free", "event_type": "play_start", "track_id": "tr-1", "artist_id": "ar-1"}
@@ -427,9 +435,5 @@ def test_a_batch_that_fails_after_its_rows_were_held_holds_them_once(settings, m
     out, failed = ing.process_safely(0, records, np.full(20, 3, dtype=np.int64), now=T0 / 1000)
     assert failed == [] and len(calls) > 1
     out += ing.flush()
-    stage = FraudStage(settings)
-    for m in out:
-        if m.topic == "fraud":
-            doc = decode_internal(m.value)
-            stage.add(doc["source"], doc["rows"], None)
+    stage = _fraud_stage_fed(settings, out)
     assert (len(stage.pending), stage.duplicates) == (20, 0)
