@@ -726,7 +726,8 @@ class FraudDetector:
         nb, bucket_ms, unit = c.nb, c.bucket_ms, c.unit_ms
         plays_at, completes_at, firsts_at, lasts_at = c.plays, c.completes, c.b_first, c.b_last
         names, segment_ix, country_ix = st.artist_names, st.segment_ix, st.country_ix
-        hashes: dict = {}
+        hashes: dict = {}  # device and artist ids -> their 64-bit hash
+        pm_hashes: dict = {}  # payment methods -> their 32-bit one (never the same dict: an id can be both)
         for n, r in enumerate(records):
             if n and not n % step:
                 yield
@@ -773,14 +774,15 @@ class FraudDetector:
                         h = hashes.get(artist)
                         if h is None:
                             h = hashes[artist] = _h64(artist)
-                            names.setdefault(h, artist)
+                        if h not in names:  # (its hash may be known already as a device's)
+                            names[h] = artist
                         self._play(u, h, t, c)
                 elif u[completes_at + i] < _U16:
                     u[completes_at + i] += 1
             elif (pm := r[_PM]) and et.startswith("payment"):
-                h = hashes.get(pm)
+                h = pm_hashes.get(pm)
                 if h is None:
-                    h = hashes[pm] = (_h64(pm) >> 32) or 1
+                    h = pm_hashes[pm] = (_h64(pm) >> 32) or 1
                 _note(u, h, t, c.pay, c.pay_t, c.npm)
         yield
         out = []
