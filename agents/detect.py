@@ -156,6 +156,9 @@ def register(app: faust.App, ctx: Any) -> None:
                 det.history = ctx.history  # fed as each window is evaluated; never in a snapshot
         return unit
 
+    for stream in STREAMS:  # exported at 0 from the start: a dashboard tells "none" from "not reported"
+        m.late_partials.labels(stream=stream)
+    m.late_events.labels(stream="fraud")
     agg = ctx.processors["aggregates"] = UnitHolder("aggregates", new_unit)
     fraud = ctx.processors["fraud"] = UnitHolder("fraud", lambda: FraudStage(settings))
     anomalies_topic, dlq = ctx.topics["anomalies"], ctx.topics["dead_letter"]
@@ -197,9 +200,16 @@ def register(app: faust.App, ctx: Any) -> None:
             doc = decode_internal(value)
             unit = holder.get(part)
             if doc["stream"] == "fraud":
+                late = unit.late_events
                 found = await stepped(unit.add_steps(doc["source"], doc.get("rows", []), doc.get("closed_until"), of=doc.get("of")))
+                if unit.late_events > late:
+                    m.late_events.labels(stream="fraud").inc(unit.late_events - late)
             else:
-                found = unit[doc["stream"]].add(doc["source"], doc["partials"], doc.get("closed_until"), of=doc.get("of"))
+                st = unit[doc["stream"]]
+                late = st.late_partials
+                found = st.add(doc["source"], doc["partials"], doc.get("closed_until"), of=doc.get("of"))
+                if st.late_partials > late:  # an input partition taken for idle too soon, or a partial sent too late
+                    m.late_partials.labels(stream=doc["stream"]).inc(st.late_partials - late)
                 for a in found:
                     publish(a, settings)
             holder.done(part, offset)

@@ -54,6 +54,10 @@ class WorkerMetrics:
             "soundcheck_late_events", "Records that arrived after their event-time window closed (left out of detection)",
             ["stream"], registry=registry,
         )
+        self.late_partials = Counter(
+            "soundcheck_late_partials", "Partial aggregates that reached stage 2 after their window was evaluated "
+            "(left out of detection), by stream", ["stream"], registry=registry,
+        )
         self.partition_rewinds = Counter(
             "soundcheck_partition_rewinds", "Faust partitions read again because their commit waited on records never "
             "handed to the agent (agents/watchdog.py), by topic", ["topic"], registry=registry,

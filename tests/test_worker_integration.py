@@ -148,6 +148,9 @@ def test_every_malformed_record_is_dead_lettered_with_its_origin_and_nothing_els
     valid = sum(truth["produced_valid"].values())
     read = sum(v for k, v in metrics.items() if k.startswith("soundcheck_events_in_total"))
     assert read == valid  # every valid record was read exactly once, bad ones did not take good ones with them
+    late = {k: v for k, v in metrics.items() if k.startswith("soundcheck_late_partials_total")}
+    print("late partials:", late)
+    assert len(late) == 3 and sum(late.values()) == 0  # and stage 2 left no input partition's partials out
 
 
 def test_nothing_the_worker_writes_holds_a_raw_user_or_device_id(scenario_run):
