@@ -41,7 +41,7 @@ import orjson
 from soundcheck import snapshots
 from soundcheck.ingest.contracts import Rejection
 from soundcheck.detectors.history import SeriesHistory
-from soundcheck.detectors.stage2 import STREAMS, FraudStage, Stage2
+from soundcheck.detectors.stage2 import STREAMS, FraudStage, Stage2, clock_ticks
 from soundcheck.kafka.admin import SNAPSHOT_MAX_BYTES, read_latest, snapshot_topic
 from soundcheck.pipeline import decode_internal, publish
 
@@ -167,24 +167,21 @@ def register(app: faust.App, ctx: Any) -> None:
     ticks: dict[tuple[int, str], int] = {}
     n_anomalies = settings.kafka.partitions
 
-    async def emit(anomalies: list, partition: int, unit: Any, quiet: bool = False) -> None:
+    async def emit(anomalies: list, partition: int, unit: Any) -> None:
         for a in anomalies:
             m.anomalies.labels(detector=a.detector).inc()
             await anomalies_topic.send(key=(a.scope or a.region).encode(), value=a.to_json())
         # event-time ticks for the alerting clock, once per window, to every anomalies partition and
         # after this partition's anomalies: an alerting agent whose clock is the slowest of all
         # stage-2 partitions and streams (the fraud stage is one) has every anomaly up to it,
-        # whatever the interleaving
-        for stream, st in (unit.items() if isinstance(unit, dict) else [("fraud", unit)]):
-            # what this stream's detectors have evaluated (and sent the anomalies of), not its
-            # progress watermark: that one moves on wall time too (an input partition idle for
-            # IDLE_PARTITION_S), and a tick sent past windows not yet evaluated lets the alerting
-            # clock overtake their anomalies
-            t = st.done_until if st.done_until > -(2**61) else None
-            if t is None:
-                continue
-            t = t + quiet_ms if quiet else t
-            t -= t % tick_ms
+        # whatever the interleaving. A tick is what a stream's detectors have evaluated (and sent
+        # the anomalies of), not its progress watermark, which moves on wall time too (an input
+        # partition idle for a while): a tick past windows not yet evaluated lets the alerting
+        # clock overtake their anomalies (and a quiet stream's, see clock_ticks)
+        stages = unit.items() if isinstance(unit, dict) else [("fraud", unit)]
+        done = {stream: st.done_until for stream, st in stages}
+        quiet = frozenset(stream for stream, st in stages if st.progress.all_quiet)
+        for stream, t in clock_ticks(done, tick_ms, quiet_ms, quiet).items():
             if t > ticks.get((partition, stream), -(2**62)):
                 ticks[(partition, stream)] = t
                 value = orjson.dumps({"tick": stream, "source": partition, "event_time": t})
@@ -199,21 +196,22 @@ def register(app: faust.App, ctx: Any) -> None:
                 return
             doc = decode_internal(value)
             unit = holder.get(part)
+            quiet = bool(doc.get("quiet"))
             if doc["stream"] == "fraud":
                 late = unit.late_events
-                found = await stepped(unit.add_steps(doc["source"], doc.get("rows", []), doc.get("closed_until"), of=doc.get("of")))
+                found = await stepped(unit.add_steps(doc["source"], doc.get("rows", []), doc.get("closed_until"), of=doc.get("of"), quiet=quiet))
                 if unit.late_events > late:
                     m.late_events.labels(stream="fraud").inc(unit.late_events - late)
             else:
                 st = unit[doc["stream"]]
                 late = st.late_partials
-                found = st.add(doc["source"], doc["partials"], doc.get("closed_until"), of=doc.get("of"))
+                found = st.add(doc["source"], doc["partials"], doc.get("closed_until"), of=doc.get("of"), quiet=quiet)
                 if st.late_partials > late:  # an input partition taken for idle too soon, or a partial sent too late
                     m.late_partials.labels(stream=doc["stream"]).inc(st.late_partials - late)
                 for a in found:
                     publish(a, settings)
             holder.done(part, offset)
-            await emit(found, part, unit, quiet=bool(doc.get("quiet")))
+            await emit(found, part, unit)
 
     holders = {"aggregates": agg, "fraud": fraud}
     keeper.replay = lambda role, part, offset, value: handle(holders[role], part, offset, value)

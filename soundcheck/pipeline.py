@@ -296,8 +296,8 @@ class DetectStage:
 
     def on_message(self, doc: dict[str, Any], now: Optional[float] = None) -> list[Anomaly]:
         if doc["stream"] == "fraud":
-            return self.fraud.add(doc["source"], doc.get("rows", []), doc.get("closed_until"), now, doc.get("of"))
-        out = self.stages[doc["stream"]].add(doc["source"], doc["partials"], doc.get("closed_until"), now, doc.get("of"))
+            return self.fraud.add(doc["source"], doc.get("rows", []), doc.get("closed_until"), now, doc.get("of"), bool(doc.get("quiet")))
+        out = self.stages[doc["stream"]].add(doc["source"], doc["partials"], doc.get("closed_until"), now, doc.get("of"), bool(doc.get("quiet")))
         for a in out:  # nothing leaves detection with a raw user or device id
             publish(a, self.settings)
         return out

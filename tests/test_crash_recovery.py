@@ -219,6 +219,14 @@ def _summary(notes: Notes) -> Counter:
     return Counter((fp, n["status"], n.get("notification"), n["severity"], n["event_time"]) for fp, ns in notes.items() for n in ns)
 
 
+def _late(worker: WorkerProcess) -> dict[str, float]:
+    """What stage 2 left out as late: partials by stream, and the fraud stage's rows."""
+    m = worker.metrics()
+    out = {k.split('"')[1]: v for k, v in m.items() if k.startswith("soundcheck_late_partials_total{")}
+    out["fraud rows"] = m.get('soundcheck_late_events_total{stream="fraud"}', 0.0)
+    return out
+
+
 def _count(notes: Notes) -> int:
     return sum(len(ns) for ns in notes.values())
 
@@ -247,9 +255,11 @@ def clean_run(kafka_bootstrap, unique_name, tmp_path_factory, start_ms):
         truth = producer.join()
         _wait_drained(s, worker)
         events = worker.metric_sum("soundcheck_events_in_total")
+        late = _late(worker)
         notes = _notifications(s)
     finally:
         worker.stop()
+    print(f"\n[crash recovery] clean run: late partials and fraud rows {late}")
     return {"truth": truth, "events": events, "notes": notes}
 
 
@@ -271,6 +281,7 @@ def crash_run(kafka_bootstrap, unique_name, tmp_path_factory, start_ms, clean_ru
                        what="records of the last quarter read")
         at_kill = {name: first.metric_sum(f"soundcheck_{name}_total") for name in ("events_in", "anomalies", "anomalies_handled", "alerts")}
         at_kill["open_windows"] = first.metric_sum("soundcheck_open_windows")
+        late_first = _late(first)
         os.killpg(first.proc.pid, signal.SIGKILL)
         killed = time.monotonic()
         first.proc.wait(10)
@@ -286,6 +297,7 @@ def crash_run(kafka_bootstrap, unique_name, tmp_path_factory, start_ms, clean_ru
         _wait_drained(s, replacement)
         events = replacement.metric_sum("soundcheck_events_in_total")
         restored = replacement.metric_sum("soundcheck_snapshots_restored_total")
+        late_replacement = _late(replacement)
         notes = _notifications(s)
     finally:
         if first.proc is not None and first.proc.poll() is None:
@@ -304,7 +316,8 @@ def crash_run(kafka_bootstrap, unique_name, tmp_path_factory, start_ms, clean_ru
         f"[crash recovery] events counted: clean run {clean_run['events']:.0f}; crash run {at_kill['events_in']:.0f} "
         f"(first worker, last scrape before the kill) + {events:.0f} (replacement) = {at_kill['events_in'] + events:.0f}: "
         f"{twice:.0f} counted twice\n"
-        f"[crash recovery] notifications: clean run {_count(clean_run['notes'])}, crash run {_count(notes)}"
+        f"[crash recovery] notifications: clean run {_count(clean_run['notes'])}, crash run {_count(notes)}\n"
+        f"[crash recovery] late partials and fraud rows: first worker {late_first}, replacement {late_replacement}"
     )
     return {"truth": truth, "at_kill": at_kill, "resume_s": resume_s, "events": events, "notes": notes, "valid": valid}
 
@@ -329,10 +342,13 @@ def test_a_crash_neither_creates_nor_loses_a_notification(clean_run, crash_run):
     clean, crash = _summary(clean_run["notes"]), _summary(crash_run["notes"])
     assert clean, "the clean run sent no notification: nothing to compare"
     created, lost = crash - clean, clean - crash
+    what = {fp: (n.get("kind"), n.get("entity"), n.get("summary"))
+            for notes in (clean_run["notes"], crash_run["notes"]) for fp, ns in notes.items() for n in ns}
     assert not created and not lost, (
         f"the crash created {sum(created.values())} and lost {sum(lost.values())} of the clean run's {sum(clean.values())} "
         f"notifications (fingerprint, status, notification, severity, event time):\n"
-        f"created: {sorted(created)}\nlost: {sorted(lost)}"
+        f"created: {sorted(created)}\nlost: {sorted(lost)}\n"
+        + "\n".join(f"{fp}: {what[fp]}" for fp in sorted({k[0] for k in created + lost}))
     )
 
 

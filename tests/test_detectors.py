@@ -295,6 +295,35 @@ def test_a_window_sorted_in_steps_is_sorted_as_in_one_piece():
         assert (steps > 0) == (chunk < len(rows))
 
 
+def test_a_quiet_stream_moves_the_alerting_clock_on_only_once_all_its_partitions_flushed(settings):
+    """After a pause in the input, stage 1 closes every window and says so (``quiet``); the stream
+    may then tick the alerting clock past what it evaluated, so that its last groups go out. Not
+    before every input partition's last partials are in, and not for the other streams: their
+    anomalies would come after the clock and be taken late (the crash test's flake at 6b5f355)."""
+    from soundcheck.detectors.stage2 import Stage2, clock_ticks
+
+    size, quiet_ms = settings.windows.aggregate_s * 1000, 40_000
+    unit = {s: Stage2(settings, s, idle_s=float("inf")) for s in ("audio", "system")}
+
+    def ticks() -> dict:
+        return clock_ticks({s: st.done_until for s, st in unit.items()}, size, quiet_ms,
+                           frozenset(s for s, st in unit.items() if st.progress.all_quiet))
+
+    for p in (0, 1):
+        for st in unit.values():
+            st.add(p, [], 10 * size, now=0.0, of=2)
+    assert ticks() == {"audio": 10 * size, "system": 10 * size}
+    unit["audio"].add(0, [], 12 * size, now=1.0, of=2, quiet=True)  # partition 0 flushed, 1 not yet
+    assert ticks() == {"audio": 10 * size, "system": 10 * size}
+    unit["audio"].add(1, [], 12 * size, now=1.0, of=2, quiet=True)
+    assert ticks() == {"audio": 12 * size + quiet_ms, "system": 10 * size}  # the system stream waits for its own
+    unit["system"].add(0, [], 12 * size, now=1.0, of=2, quiet=True)
+    unit["system"].add(1, [], 12 * size, now=1.0, of=2, quiet=True)
+    assert ticks()["system"] == 12 * size + quiet_ms
+    unit["audio"].add(0, [], 13 * size, now=2.0, of=2)  # records again: no more quiet
+    assert not unit["audio"].progress.all_quiet and ticks()["audio"] == 12 * size
+
+
 def test_partitions_reporting_once_a_window_are_never_taken_for_idle(settings):
     """On live traffic stage 1 moves each input partition's progress once a window, each a moment
     after the window closes: stage 2 waits for all of them, and no partition's partials come after
