@@ -13,7 +13,6 @@ from soundcheck import snapshots
 from soundcheck.detectors import behavior
 from soundcheck.detectors.behavior import FraudDetector, FraudState, _h64
 from soundcheck.detectors.stage2 import FraudEvent, FraudStage
-from soundcheck.settings import load_settings
 from tests.test_detectors import feed, simulate
 
 T0 = 1_700_000_000_000
@@ -440,16 +439,15 @@ def test_a_batch_that_fails_after_its_rows_were_held_holds_them_once(settings, m
     assert (len(stage.pending), stage.duplicates) == (20, 0)
 
 
-def test_an_id_that_is_both_a_device_and_a_payment_method_or_an_artist_keeps_each_meaning():
+def test_an_id_that_is_both_a_device_and_a_payment_method_or_an_artist_keeps_each_meaning(settings):
     """Ids of different kinds share no cache: a payment method whose id is also a device's gets its
     32-bit hash (a 64-bit one does not fit its place: the batch failed), and an artist whose id is
     also a device's keeps its name in the top artists."""
-    det = FraudDetector(load_settings(environ={}))
+    det = FraudDetector(settings)
     uid = pseudonym("both")
     batch = [FraudEvent(T0 + i * 1000, uid, "play_start", "x-1", "US", "free", "x-1", None) for i in range(300)]
     batch.append(FraudEvent(T0 + 300_000, uid, "payment_attempt", "x-1", "US", "free", None, "x-1"))
     found = det.process(batch, T0 + 310_000)
     assert [a.details["top_artists"] for a in found] == [["x-1"]]  # 300 plays in 5 minutes, one artist: flagged
-    row = dict(zip(range(10**6), det.users.state[_h64(uid)]))
-    c = behavior._codec(det.layout)
+    row, c = det.users.state[_h64(uid)], behavior._codec(det.layout)
     assert row[c.pay] == (_h64("x-1") >> 32) and row[c.dev] == _h64("x-1")

@@ -120,11 +120,8 @@ def clock_ticks(done: dict[str, int], tick_ms: int, quiet_ms: int, quiet: frozen
     stage 2 has evaluated what they sent: ``SourceProgress.all_quiet``) ticks ``quiet_ms`` further
     on, so that the groups its last anomalies opened are sent without waiting for more input. Only
     that stream, and only then: a quiet tick claims event time nothing was evaluated in, and an
-    anomaly of a window it claimed is taken late (at the next tick, in whatever group is open then).
-    Any quiet message used to move every stream of its unit on, before the other streams' last
-    windows (and before the stream's other input partitions' last partials): their anomalies came
-    after the clock had passed them, and which group they joined hung on the order the stage-2
-    partitions were read in (a crash-test notification sent in one run, inhibited in the other).
+    anomaly of a window it claimed is taken late (at the next tick, in whatever group is open then;
+    ARCHITECTURE.md, the alert lifecycle, says what giving it to every stream at once did).
 
     >>> clock_ticks({"audio": 400_000, "system": 390_000}, 10_000, 40_000, quiet=frozenset({"audio"}))
     {'audio': 440000, 'system': 390000}
