@@ -11,11 +11,12 @@
   on a quiet stream, never what a window holds).
 
 The fraud stage scores a whole window of behaviour events at once when the window closes: about
-a second of CPU at 15,000 events/s. Run in one piece, that second held back every other agent
-on the event loop (measured: aggregates messages waited 1.1-2.0 s behind it, and with them every
-region alert). It runs in steps of a few milliseconds (:func:`stepped`), and each holder's
-:attr:`UnitHolder.lock` keeps its units to one user at a time between steps: a message, the idle
-timer, a snapshot, a rebalance. (A thread of its own was tried: the GIL made the event loop
+a second of CPU at 15,000 events/s. On the event loop, that second held back every other agent
+(faust-streaming's consumer hands an agent one message per turn of the loop), and with them every
+region alert. So it runs in a child process (:mod:`agents.fraud_process`, ``worker.fraud_process``);
+with that off, it runs on the event loop in steps of a few milliseconds (:func:`stepped`). Either
+way each holder's :attr:`UnitHolder.lock` keeps its units to one user at a time: a message, the
+idle timer, a snapshot, a rebalance. (A thread of its own was tried: the GIL made the event loop
 slower, p50 2.9-4.4 s.)
 
 Their state is per partition of their topic (:class:`UnitHolder`), and :class:`SnapshotKeeper`
@@ -45,6 +46,7 @@ from soundcheck.detectors.stage2 import STREAMS, FraudStage, Stage2, clock_ticks
 from soundcheck.kafka.admin import SNAPSHOT_MAX_BYTES, read_latest, snapshot_topic
 from soundcheck.pipeline import decode_internal, publish
 
+from .fraud_process import FraudProcess, FraudProcessDied, RemoteFraudStage
 from .ingest import dead_letter
 
 log = logging.getLogger(__name__)
@@ -99,12 +101,17 @@ class UnitHolder:
         self.dirty.add(partition)
 
     def load(self, partition: int, unit: Any, last_offset: int) -> None:
+        old = self.partitions.get(partition)
+        if old is not None and old is not unit and isinstance(old, RemoteFraudStage):
+            old.close()
         self.partitions[partition] = unit
         self.offsets[partition] = last_offset
         self.dirty.discard(partition)
 
     def drop(self, partition: int) -> None:
-        self.partitions.pop(partition, None)
+        unit = self.partitions.pop(partition, None)
+        if isinstance(unit, RemoteFraudStage):
+            unit.close()
         self.offsets.pop(partition, None)
         self.dirty.discard(partition)
 
@@ -124,7 +131,7 @@ class UnitHolder:
                     for name, n in st.tracked().items():
                         out[name] = out.get(name, 0) + n
             else:
-                out["behavior.fraud"] = out.get("behavior.fraud", 0) + len(unit.users)
+                out["behavior.fraud"] = out.get("behavior.fraud", 0) + unit.n_users
         return out
 
 
@@ -136,6 +143,15 @@ async def stepped(steps: Generator[None, None, Any]) -> Any:
         except StopIteration as done:
             return done.value
         await asyncio.sleep(0)
+
+
+def fraud_process_died(name: str, exc: BaseException) -> None:
+    """The fraud state is gone with its process: stop at once, as a ``kill -9`` would. The offsets
+    of what was not finished are not committed; the worker taking the partitions over restores
+    their last snapshots and reads the rest again (see :mod:`agents.fraud_process`)."""
+    log.critical("%s: %s; the worker stops, its partitions go on from their last snapshots and committed offsets", name, exc)
+    logging.shutdown()
+    os._exit(70)
 
 
 def set_tracked(m: Any, holder: UnitHolder) -> None:
@@ -160,7 +176,15 @@ def register(app: faust.App, ctx: Any) -> None:
         m.late_partials.labels(stream=stream)
     m.late_events.labels(stream="fraud")
     agg = ctx.processors["aggregates"] = UnitHolder("aggregates", new_unit)
-    fraud = ctx.processors["fraud"] = UnitHolder("fraud", lambda: FraudStage(settings))
+    if settings.worker.fraud_process:  # beside the event loop (see agents.fraud_process)
+        proc = ctx.fraud_process = FraudProcess(settings)
+        fraud = ctx.processors["fraud"] = UnitHolder("fraud", proc.stage)
+
+        @app.task
+        async def start_fraud_process() -> None:
+            await proc.start()
+    else:
+        fraud = ctx.processors["fraud"] = UnitHolder("fraud", lambda: FraudStage(settings))
     anomalies_topic, dlq = ctx.topics["anomalies"], ctx.topics["dead_letter"]
     tick_ms = settings.windows.aggregate_s * 1000
     quiet_ms = (settings.windows.group_wait_s + settings.windows.aggregate_s) * 1000
@@ -194,8 +218,16 @@ def register(app: faust.App, ctx: Any) -> None:
         async with holder.lock:
             if holder.seen(part, offset):
                 return
-            doc = decode_internal(value)
             unit = holder.get(part)
+            if isinstance(unit, RemoteFraudStage):  # decoded and scored in the fraud process
+                late = unit.late_events
+                found = await unit.message(value)
+                if unit.late_events > late:
+                    m.late_events.labels(stream="fraud").inc(unit.late_events - late)
+                holder.done(part, offset)
+                await emit(found, part, unit)
+                return
+            doc = decode_internal(value)
             quiet = bool(doc.get("quiet"))
             if doc["stream"] == "fraud":
                 late = unit.late_events
@@ -223,6 +255,8 @@ def register(app: faust.App, ctx: Any) -> None:
                 try:
                     await keeper.ready(holder.role, part)
                     await handle(holder, part, offset, event.value)
+                except FraudProcessDied as exc:
+                    fraud_process_died(name, exc)
                 except Exception as exc:  # never fatal: the message goes to the dead letters
                     log.exception("agent %s: message at offset %s of partition %s failed", name, offset, part)
                     key, value = dead_letter(event, Rejection("processing_error", f"{name}: {type(exc).__name__}: {exc}"), holder.role)
@@ -237,6 +271,12 @@ def register(app: faust.App, ctx: Any) -> None:
 
     async def advance_idle() -> None:
         """Input partitions quiet for a while stop holding windows back."""
+        try:
+            await _advance_idle()
+        except FraudProcessDied as exc:
+            fraud_process_died("soundcheck.detect.idle", exc)
+
+    async def _advance_idle() -> None:
         for holder in (agg, fraud):
             for part in list(holder.partitions):
                 async with holder.lock:
@@ -247,6 +287,8 @@ def register(app: faust.App, ctx: Any) -> None:
                         found = [a for st in unit.values() for a in st.advance()]
                         for a in found:
                             publish(a, settings)
+                    elif isinstance(unit, RemoteFraudStage):
+                        found = await unit.advance()
                     else:
                         found = await stepped(unit.advance_steps())
                     if found:
@@ -320,16 +362,19 @@ class SnapshotKeeper:
         if producer is not None:
             await producer.stop()
 
-    def encode(self, stream: str, partition: int) -> Optional[bytes]:
+    async def encode(self, stream: str, partition: int) -> Optional[bytes]:
         pp: UnitHolder = self.ctx.processors[stream]
         proc = pp.partitions.get(partition)
         if proc is None:
             return None
         started = time.perf_counter()
-        blob = snapshots.encode_snapshot(
-            snapshots.capture_stage(proc), stream=stream, partition=partition, last_offset=pp.offsets.get(partition, -1),
-            last_event_time=pp.last_event_time(partition), settings=self.settings,
-        )
+        if isinstance(proc, RemoteFraudStage):  # captured and encoded in the fraud process
+            blob = await proc.encode(partition, pp.offsets.get(partition, -1), pp.last_event_time(partition))
+        else:
+            blob = snapshots.encode_snapshot(
+                snapshots.capture_stage(proc), stream=stream, partition=partition, last_offset=pp.offsets.get(partition, -1),
+                last_event_time=pp.last_event_time(partition), settings=self.settings,
+            )
         self.metrics.snapshot_seconds.labels(stream=stream).observe(time.perf_counter() - started)
         return blob
 
@@ -344,7 +389,7 @@ class SnapshotKeeper:
                         continue
                     try:
                         async with pp.lock:  # not half-way through a message or the idle timer
-                            blob = self.encode(stream, part)  # the state and its offset agree
+                            blob = await self.encode(stream, part)  # the state and its offset agree
                             pp.dirty.discard(part)
                         if blob is None:
                             continue
@@ -384,7 +429,10 @@ class SnapshotKeeper:
             if header.get("stream") != stream or header.get("partition") != partition:
                 raise snapshots.SnapshotRejected("corrupt", f"key {stream}:{partition} holds {header.get('stream')}:{header.get('partition')}")
             proc = pp.new_processor()
-            snapshots.restore_stage(proc, state)
+            if isinstance(proc, RemoteFraudStage):
+                proc.restore(state)  # sent to the fraud process before the partition's first message
+            else:
+                snapshots.restore_stage(proc, state)
         except snapshots.SnapshotRejected as exc:
             self._reject(stream, exc)
             return False
@@ -447,6 +495,16 @@ class SnapshotKeeper:
         for key, blob in found.items():
             stream, part = keys[key]
             restored += self.load(stream, part, blob)
+            unit = self.ctx.processors[stream].partitions.get(part)
+            if isinstance(unit, RemoteFraudStage):
+                try:
+                    await unit.sync()
+                except FraudProcessDied:
+                    raise
+                except Exception as exc:  # a state the fraud stage cannot take: the partition starts fresh
+                    self.ctx.processors[stream].drop(part)
+                    self._reject(stream, snapshots.SnapshotRejected("incompatible", f"{type(exc).__name__}: {exc}"))
+                    restored -= 1
         log.info("restored %d of %d assigned partitions from %s in %.2f s (%d had no snapshot)",
                  restored, len(wanted), self.topic, time.monotonic() - started, len(wanted) - len(found))
         try:
@@ -523,6 +581,9 @@ class SnapshotKeeper:
             log.exception("snapshots on shutdown failed")
         finally:
             await self.close()
+            proc = getattr(self.ctx, "fraud_process", None)
+            if proc is not None:  # after its snapshots are written
+                proc.close()
 
 
 def register_snapshots(app: faust.App, ctx: Any) -> SnapshotKeeper:

@@ -83,6 +83,7 @@ class WorkerSettings:
     log_level: str
     instance_id: str
     session_timeout_s: float
+    fraud_process: bool
 
 
 @dataclass(frozen=True)
@@ -192,6 +193,12 @@ def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
     return out
 
 
+def _boolean(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise TypeError(f"{value!r} is not true or false")
+
+
 def _section(cls: type, raw: Mapping[str, Any], name: str) -> Any:
     data = raw.get(name)
     if not isinstance(data, Mapping):
@@ -208,7 +215,7 @@ def _section(cls: type, raw: Mapping[str, Any], name: str) -> Any:
             raise SettingsError(f"config: {name}.{f.name} is missing")
         value = data[f.name]
         try:
-            kwargs[f.name] = {"int": int, "float": float, "str": str}[f.type](value)
+            kwargs[f.name] = {"int": int, "float": float, "str": str, "bool": _boolean}[f.type](value)
         except (KeyError, TypeError, ValueError) as exc:
             raise SettingsError(f"config: {name}.{f.name}={value!r} is not a {f.type}") from exc
     unknown = set(data) - {f.name for f in fields(cls)}

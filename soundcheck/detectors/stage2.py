@@ -338,3 +338,7 @@ class FraudStage:
     @property
     def users(self) -> Any:
         return self.detector.users
+
+    @property
+    def n_users(self) -> int:
+        return len(self.detector.users)

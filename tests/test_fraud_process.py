@@ -1,0 +1,162 @@
+"""The fraud stage in its own process (agents.fraud_process): the same anomalies and snapshots as
+on the event loop, a loud stop when the process dies, and no process left behind a killed worker."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import orjson
+import pytest
+
+from agents.fraud_process import FraudProcess, FraudProcessDied
+from soundcheck import snapshots
+from soundcheck.detectors.stage2 import FraudStage
+from tests.test_fraud_state import T0, MIN, farm_and_listeners, rows_of
+
+
+def _messages(events) -> list[bytes]:
+    """The fraud topic's messages of two input partitions (each window's rows split between them)."""
+    out = []
+    for end, rows in rows_of(events):
+        for source in (0, 1):
+            out.append(orjson.dumps({"stream": "fraud", "source": source, "rows": rows[source::2], "closed_until": end}))
+    return out
+
+
+def _in_process(settings, messages: list[bytes], stage: FraudStage | None = None) -> tuple[FraudStage, list[dict]]:
+    stage = stage or FraudStage(settings)
+    found = []
+    for value in messages:
+        doc = orjson.loads(value)
+        found += [a.to_json() for a in stage.add(doc["source"], doc["rows"], doc["closed_until"])]
+    return stage, found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie (dead, not yet reaped by its parent) counts as gone
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except OSError:
+        return False
+
+
+def test_the_fraud_stage_in_its_own_process_finds_what_it_finds_on_the_event_loop(settings):
+    events, farm, _ = farm_and_listeners(seed=21, minutes=50)
+    half = T0 + 25 * MIN
+    first, second = _messages([e for e in events if e.ts < half]), _messages([e for e in events if e.ts >= half])
+    local, local_found = _in_process(settings, first)
+    blob_local = snapshots.encode_snapshot(snapshots.capture_stage(local), stream="fraud", partition=3, last_offset=9,
+                                           last_event_time=local.done_until, settings=settings)
+    local, later = _in_process(settings, second, local)
+    assert local_found and later, "the farm is found in both halves"
+    assert {orjson.loads(a)["entity"]["user_id"] for a in local_found + later} <= farm
+
+    async def remote() -> tuple[list, list, bytes, list, int, int]:
+        proc = FraudProcess(settings)
+        try:
+            assert await proc.start() != os.getpid()
+            stage = proc.stage()
+            found = []
+            for value in first:
+                found += [a.to_json() for a in await stage.message(value)]
+            blob = await stage.encode(3, 9, stage.done_until)
+            rest = [a.to_json() for value in second for a in await stage.message(value)]
+            # a stage restored from the child's snapshot goes on as the original did
+            _, state = snapshots.decode_snapshot(blob, settings)
+            restored = proc.stage()
+            restored.restore(state)
+            await restored.sync()
+            n_restored = restored.n_users
+            again = [a.to_json() for value in second for a in await restored.message(value)]
+            assert again == rest
+            return found, rest, blob, again, n_restored, stage.done_until
+        finally:
+            proc.close()
+
+    found, rest, blob, again, n_restored, done_until = asyncio.run(remote())
+    assert found == local_found and rest == later
+    assert done_until == local.done_until
+    assert n_restored > 0
+    # the snapshot encoded in the child holds what the one encoded here holds
+    assert snapshots.decode_snapshot(blob, settings)[0]["last_offset"] == 9
+    assert _in_process(settings, second, _restored(settings, blob))[1] == _in_process(settings, second, _restored(settings, blob_local))[1]
+
+
+def _restored(settings, blob: bytes) -> FraudStage:
+    stage = FraudStage(settings)
+    snapshots.restore_stage(stage, snapshots.decode_snapshot(blob, settings)[1])
+    return stage
+
+
+def test_a_bad_message_fails_alone_and_the_stage_goes_on(settings):
+    events, _, _ = farm_and_listeners(seed=4, minutes=20)
+    messages = _messages(events)
+
+    async def remote() -> tuple[list, int]:
+        proc = FraudProcess(settings)
+        try:
+            stage = proc.stage()
+            errors = []
+            for bad in (b"{not json", orjson.dumps({"stream": "audio", "source": 0, "partials": []})):
+                with pytest.raises(Exception) as err:
+                    await stage.message(bad)
+                errors.append(str(err.value))
+            found = [a.to_json() for value in messages for a in await stage.message(value)]
+            return errors, found
+        finally:
+            proc.close()
+
+    errors, found = asyncio.run(remote())
+    assert "aggregates message on the fraud topic" in errors[1]
+    assert found == _in_process(settings, messages)[1] and found
+
+
+def test_a_dead_fraud_process_is_reported_not_taken_for_a_bad_message(settings):
+    async def remote() -> None:
+        proc = FraudProcess(settings)
+        try:
+            pid = await proc.start()
+            stage = proc.stage()
+            os.kill(pid, signal.SIGKILL)
+            with pytest.raises(FraudProcessDied):
+                await stage.message(orjson.dumps({"stream": "fraud", "source": 0, "rows": [], "closed_until": T0}))
+        finally:
+            proc.close()
+
+    asyncio.run(remote())
+
+
+CHILD = """
+import asyncio, sys
+from agents.fraud_process import FraudProcess
+from soundcheck.settings import load_settings
+proc = FraudProcess(load_settings("development", environ={}))
+print(asyncio.run(proc.start()), flush=True)
+import time; time.sleep(120)
+"""
+
+
+def test_the_fraud_process_does_not_outlive_a_killed_worker():
+    parent = subprocess.Popen([sys.executable, "-c", CHILD], stdout=subprocess.PIPE, text=True,
+                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        child = int(parent.stdout.readline())
+        assert _alive(child)
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(10)
+        deadline = time.monotonic() + 10
+        while _alive(child) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(child), "the fraud process outlived its worker"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
