@@ -499,8 +499,8 @@ class SnapshotKeeper:
             if isinstance(unit, RemoteFraudStage):
                 try:
                     await unit.sync()
-                except FraudProcessDied:
-                    raise
+                except FraudProcessDied as exc:
+                    fraud_process_died("soundcheck.snapshots", exc)
                 except Exception as exc:  # a state the fraud stage cannot take: the partition starts fresh
                     self.ctx.processors[stream].drop(part)
                     self._reject(stream, snapshots.SnapshotRejected("incompatible", f"{type(exc).__name__}: {exc}"))
