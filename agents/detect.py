@@ -442,8 +442,7 @@ class SnapshotKeeper:
         if header.get("config_digest") not in (None, snapshots.config_digest(self.settings)):
             log.info("%s partition %d: restored state was learned with other detection settings", stream, partition)
         pp.load(partition, proc, int(header.get("last_offset", -1)))
-        self.metrics.snapshots_restored.labels(stream=stream).inc()
-        return True
+        return True  # counted in soundcheck_snapshots_restored by restore(), once the state is in use
 
     async def on_revoked(self, sender: Any, revoked: set, **kwargs: Any) -> None:
         by_topic = self.streams_by_topic()
@@ -491,10 +490,11 @@ class SnapshotKeeper:
             log.error("could not read the snapshot topic %s, %d partitions start fresh: %s: %s",
                       self.topic, len(wanted), type(exc).__name__, exc)
             return
-        restored = 0
+        restored: list[str] = []  # the stream of each partition whose state was taken
         for key, blob in found.items():
             stream, part = keys[key]
-            restored += self.load(stream, part, blob)
+            if not self.load(stream, part, blob):
+                continue
             unit = self.ctx.processors[stream].partitions.get(part)
             if isinstance(unit, RemoteFraudStage):
                 try:
@@ -504,9 +504,10 @@ class SnapshotKeeper:
                 except Exception as exc:  # a state the fraud stage cannot take: the partition starts fresh
                     self.ctx.processors[stream].drop(part)
                     self._reject(stream, snapshots.SnapshotRejected("incompatible", f"{type(exc).__name__}: {exc}"))
-                    restored -= 1
+                    continue
+            restored.append(stream)
         log.info("restored %d of %d assigned partitions from %s in %.2f s (%d had no snapshot)",
-                 restored, len(wanted), self.topic, time.monotonic() - started, len(wanted) - len(found))
+                 len(restored), len(wanted), self.topic, time.monotonic() - started, len(wanted) - len(found))
         try:
             await self.catch_up(wanted)
         except Exception as exc:  # the partitions go on from the committed offsets, as before
@@ -514,6 +515,9 @@ class SnapshotKeeper:
                       type(exc).__name__, exc)
         for stream, pp in self.ctx.processors.items():
             set_tracked(self.metrics, pp)
+        # counted last, so that a reader who sees the count also sees the restored state's gauges
+        for stream in restored:
+            self.metrics.snapshots_restored.labels(stream=stream).inc()
 
     async def catch_up(self, wanted: list[tuple[str, int]]) -> None:
         """Apply the records the group has committed but the loaded state does not hold: a snapshot

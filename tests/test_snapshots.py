@@ -176,7 +176,6 @@ def test_the_keeper_restores_a_good_snapshot_and_counts_and_logs_once_a_refused_
     good = _snapshot(settings, _fed(settings, "audio", 120), "audio", partition=1, offset=77)
     assert keeper.load("aggregates", 1, good)
     assert holder.offsets[1] == 77 and holder.tracked()["audio.baseline"] > 0 and not holder.dirty
-    assert metrics.value("soundcheck_snapshots_restored_total", stream="aggregates") == 1
     bad = _rewrite(good, river="0.19.0")
     with caplog.at_level(logging.WARNING, logger="agents.detect"):
         assert not keeper.load("aggregates", 2, bad)
@@ -185,6 +184,37 @@ def test_the_keeper_restores_a_good_snapshot_and_counts_and_logs_once_a_refused_
     assert metrics.value("soundcheck_snapshots_rejected_total", stream="aggregates") == 3
     assert sum("River" in r.getMessage() for r in caplog.records) == 1
     assert 2 not in holder.partitions and 0 not in holder.partitions
+
+
+def test_a_restored_partition_is_counted_only_once_its_state_and_gauges_are_in(settings, monkeypatch):
+    """A reader who sees soundcheck_snapshots_restored_total go up also sees the restored gauges
+    (the broker test waits on the counter and then compares the gauges)."""
+    import agents.detect as detect
+
+    metrics = WorkerMetrics(CollectorRegistry())
+    holder = detect.UnitHolder("aggregates", lambda: _unit(settings, "audio"))
+    ctx = SimpleNamespace(settings=settings, metrics=metrics, contracts=load_contracts(), processors={"aggregates": holder})
+    keeper = detect.SnapshotKeeper(SimpleNamespace(), ctx)
+    good = _snapshot(settings, _fed(settings, "audio", 120), "audio", partition=1, offset=77)
+    seen: list[tuple[float, float]] = []
+    counter = metrics.snapshots_restored.labels(stream="aggregates")
+    inc = counter.inc
+
+    def counting(*a, **kw):  # what a scrape at the moment of the increment would read
+        seen.append((metrics.value("soundcheck_tracked_entities", detector="audio.baseline") or 0.0,
+                     metrics.value("soundcheck_snapshots_restored_total", stream="aggregates") or 0.0))
+        return inc(*a, **kw)
+
+    monkeypatch.setattr(counter, "inc", counting)
+
+    async def found(*a, **kw):
+        return {b"aggregates:1": good}
+
+    monkeypatch.setattr(detect, "read_latest", found)
+    asyncio.run(keeper.restore([("aggregates", 1), ("aggregates", 2)]))
+    assert len(seen) == 1 and seen[0][0] > 0 and seen[0][1] == 0
+    assert metrics.value("soundcheck_snapshots_restored_total", stream="aggregates") == 1
+    assert holder.offsets[1] == 77 and 2 not in holder.partitions
 
 
 def test_the_snapshot_interval_comes_from_the_environment_when_set():
