@@ -219,25 +219,21 @@ def register(app: faust.App, ctx: Any) -> None:
             if holder.seen(part, offset):
                 return
             unit = holder.get(part)
-            if isinstance(unit, RemoteFraudStage):  # decoded and scored in the fraud process
+            if holder.role == "fraud":
                 late = unit.late_events
-                found = await unit.message(value)
-                if unit.late_events > late:
-                    m.late_events.labels(stream="fraud").inc(unit.late_events - late)
-                holder.done(part, offset)
-                await emit(found, part, unit)
-                return
-            doc = decode_internal(value)
-            quiet = bool(doc.get("quiet"))
-            if doc["stream"] == "fraud":
-                late = unit.late_events
-                found = await stepped(unit.add_steps(doc["source"], doc.get("rows", []), doc.get("closed_until"), of=doc.get("of"), quiet=quiet))
+                if isinstance(unit, RemoteFraudStage):  # decoded and scored in the fraud process
+                    found = await unit.message(value)
+                else:
+                    doc = decode_internal(value)
+                    found = await stepped(unit.add_steps(doc["source"], doc.get("rows", []), doc.get("closed_until"),
+                                                         of=doc.get("of"), quiet=bool(doc.get("quiet"))))
                 if unit.late_events > late:
                     m.late_events.labels(stream="fraud").inc(unit.late_events - late)
             else:
+                doc = decode_internal(value)
                 st = unit[doc["stream"]]
                 late = st.late_partials
-                found = st.add(doc["source"], doc["partials"], doc.get("closed_until"), of=doc.get("of"), quiet=quiet)
+                found = st.add(doc["source"], doc["partials"], doc.get("closed_until"), of=doc.get("of"), quiet=bool(doc.get("quiet")))
                 if st.late_partials > late:  # an input partition taken for idle too soon, or a partial sent too late
                     m.late_partials.labels(stream=doc["stream"]).inc(st.late_partials - late)
                 for a in found:

@@ -153,6 +153,14 @@ class FraudProcess:
     def stage(self) -> "RemoteFraudStage":
         return RemoteFraudStage(self, next(self._ids))
 
+    def forget(self, sid: int) -> None:
+        """Drop stage ``sid`` in the child, without waiting; nothing to do if the child is not running."""
+        if self._pool is not None:
+            try:
+                self._pool.submit(_call, sid, "drop")
+            except (BrokenExecutor, RuntimeError):  # the pool is shut down or gone: nothing to forget
+                pass
+
     def close(self) -> None:
         pool, self._pool = self._pool, None
         if pool is not None:
@@ -210,8 +218,4 @@ class RemoteFraudStage:
     def close(self) -> None:
         """Forget the stage in the child (the partition left this worker)."""
         self._restore = None
-        if self.proc._pool is not None:
-            try:
-                self.proc.pool.submit(_call, self.sid, "drop")
-            except (BrokenExecutor, RuntimeError):  # the pool is shut down or gone: nothing to forget
-                pass
+        self.proc.forget(self.sid)

@@ -160,3 +160,47 @@ def test_the_fraud_process_does_not_outlive_a_killed_worker():
     finally:
         if parent.poll() is None:
             parent.kill()
+
+
+@pytest.mark.parametrize("in_child", [True, False], ids=["fraud_process", "event_loop"])
+def test_the_fraud_agent_sends_the_stage_s_anomalies_and_ticks_with_either_setting(settings, tmp_path, monkeypatch, in_child):
+    """The fraud agent's message handler (agents.detect, reached through the snapshot keeper's replay
+    hook, as catch-up after a crash uses it) with the stage in the child and on the event loop:
+    the anomalies are the stage's own, the late rows are counted, the alerting clock ticks."""
+    from prometheus_client import CollectorRegistry
+
+    from streams.app import create_app
+
+    monkeypatch.setenv("SOUNDCHECK_DATA_DIR", str(tmp_path))
+    s = settings.replace(worker={"fraud_process": in_child})
+    app, ctx = create_app(s, CollectorRegistry())
+    assert (ctx.fraud_process is not None) == in_child
+    sent: list[dict] = []
+
+    async def capture(key=None, value=None, partition=None, **kw):
+        sent.append({**orjson.loads(value), "to": partition})
+
+    ctx.topics["anomalies"].send = capture
+    events, farm, _ = farm_and_listeners(seed=21, minutes=30)
+    messages = _messages(events)
+    late = orjson.dumps({"stream": "fraud", "source": 0, "rows": rows_of(events)[0][1][:3], "closed_until": None})
+
+    async def run() -> None:
+        try:
+            for offset, value in enumerate(messages + [late]):
+                await ctx.snapshots.replay("fraud", 2, offset, value)
+            await ctx.snapshots.replay("fraud", 2, 0, messages[0])  # read again: skipped
+        finally:
+            if ctx.fraud_process is not None:
+                ctx.fraud_process.close()
+
+    asyncio.run(run())
+    found = [{k: v for k, v in d.items() if k != "to"} for d in sent if "tick" not in d]
+    local, local_found = _in_process(settings, messages)
+    assert found == [orjson.loads(a) for a in local_found] and found
+    assert {d["entity"]["user_id"] for d in found} <= farm
+    ticks = [d["event_time"] for d in sent if d.get("tick") == "fraud" and d["source"] == 2 and d["to"] == 0]
+    assert len(ticks) * s.kafka.partitions == sum("tick" in d for d in sent)  # to every anomalies partition
+    assert len(ticks) > 1 and all(a < b for a, b in zip(ticks, ticks[1:]))
+    assert ctx.metrics.value("soundcheck_late_events_total", stream="fraud") == local.late_events + 3
+    assert ctx.processors["fraud"].offsets[2] == len(messages)
