@@ -119,7 +119,7 @@ class SeriesDetector:
         range_q: float = 0.005,
         novelty_gain: float = 30.0,
         q: float = 0.99,
-        z_min: float = 3.0,
+        z_min: float = 2.5,
         refractory: int = 200,
         damp: float = 0.5,
         margin: float = 1.2,
