@@ -728,6 +728,8 @@ class FraudDetector:
         names, segment_ix, country_ix = st.artist_names, st.segment_ix, st.country_ix
         hashes: dict = {}  # device and artist ids -> their 64-bit hash
         pm_hashes: dict = {}  # payment methods -> their 32-bit one (never the same dict: an id can be both)
+        dev_at, dev_end, dev_t, nd = c.dev, c.dev + c.nd, c.dev_t, c.nd
+        cty_at, cty_end, cty_t, nc = c.cty, c.cty + c.nc, c.cty_t, c.nc
         for n, r in enumerate(records):
             if n and not n % step:
                 yield
@@ -744,10 +746,18 @@ class FraudDetector:
             h = hashes.get(dev)
             if h is None:
                 h = hashes[dev] = _h64(dev)
-            _note(u, h, t, c.dev, c.dev_t, c.nd)
+            try:  # _note's common case, inlined (this loop is per event): a device the user has
+                u[dev_t + u.index(h, dev_at, dev_end) - dev_at] = t
+            except ValueError:
+                _note(u, h, t, dev_at, dev_t, nd)
             cty = r[_CTY]
             i = country_ix.get(cty)
-            _note(u, i if i is not None else st.country_index(cty), t, c.cty, c.cty_t, c.nc)
+            if i is None:
+                i = st.country_index(cty)
+            try:
+                u[cty_t + u.index(i, cty_at, cty_end) - cty_at] = t
+            except ValueError:
+                _note(u, i, t, cty_at, cty_t, nc)
             et = r[_ET]
             if et == "play_start" or et == "play_complete":
                 b = ts // bucket_ms
