@@ -421,12 +421,13 @@ class SnapshotKeeper:
     def load(self, stream: str, partition: int, blob: bytes) -> bool:
         pp: UnitHolder = self.ctx.processors[stream]
         try:
-            header, state = snapshots.decode_snapshot(blob, self.settings)
+            proc = pp.new_processor()
+            remote = isinstance(proc, RemoteFraudStage)  # the fraud process decodes its snapshot itself
+            header, state = snapshots.verify(blob) if remote else snapshots.decode_snapshot(blob, self.settings)
             if header.get("stream") != stream or header.get("partition") != partition:
                 raise snapshots.SnapshotRejected("corrupt", f"key {stream}:{partition} holds {header.get('stream')}:{header.get('partition')}")
-            proc = pp.new_processor()
-            if isinstance(proc, RemoteFraudStage):
-                proc.restore(state)  # sent to the fraud process before the partition's first message
+            if remote:
+                proc.restore(blob)  # sent to the fraud process before the partition's first message
             else:
                 snapshots.restore_stage(proc, state)
         except snapshots.SnapshotRejected as exc:
@@ -497,9 +498,10 @@ class SnapshotKeeper:
                     await unit.sync()
                 except FraudProcessDied as exc:
                     fraud_process_died("soundcheck.snapshots", exc)
-                except Exception as exc:  # a state the fraud stage cannot take: the partition starts fresh
+                except Exception as exc:  # a snapshot the fraud process refused: the partition starts fresh
                     self.ctx.processors[stream].drop(part)
-                    self._reject(stream, snapshots.SnapshotRejected("incompatible", f"{type(exc).__name__}: {exc}"))
+                    self._reject(stream, exc if isinstance(exc, snapshots.SnapshotRejected)
+                                 else snapshots.SnapshotRejected("incompatible", f"{type(exc).__name__}: {exc}"))
                     continue
             restored.append(stream)
         log.info("restored %d of %d assigned partitions from %s in %.2f s (%d had no snapshot)",

@@ -16,8 +16,9 @@ with everything else meanwhile, on the machine's other core.
 * **What the agents read** of a stage (``done_until``, ``late_events``, whether every input
   partition went quiet, the users tracked) is mirrored in its :class:`RemoteFraudStage` after
   every call.
-* **Snapshots** are encoded in the child (no state crosses to the worker, only the blob), and a
-  restored state is sent to it before the partition's first message.
+* **Snapshots** are encoded and decoded in the child (no state crosses to the worker, only the
+  blob, whose header the worker checks), and a restored one is sent to it before the
+  partition's first message.
 * **If the child dies** the fraud state is gone: the worker logs it and exits at once, as after a
   ``kill -9``; the offsets of the messages it had not finished are not committed, and the worker
   that takes over restores the last snapshots and reads the rest again. A child whose worker is
@@ -80,12 +81,12 @@ def _call(sid: int, op: str, *args: Any) -> tuple[Any, Optional[tuple]]:
     if op == "drop":
         _STAGES.pop(sid, None)
         return None, None
-    if op == "restore":
+    if op == "restore":  # a whole snapshot: checked and decoded here, not in the worker
         from soundcheck import snapshots
         from soundcheck.detectors.stage2 import FraudStage
 
         st = FraudStage(_SETTINGS)
-        n = snapshots.restore_stage(st, args[0])
+        n = snapshots.restore_stage(st, snapshots.decode_snapshot(args[0], _SETTINGS)[1])
         _STAGES[sid] = st
         return n, _mirror(st)
     st = _stage(sid)
@@ -177,7 +178,7 @@ class RemoteFraudStage:
         self.late_events = 0
         self.n_users = 0
         self.progress = _Progress()
-        self._restore: Optional[dict] = None
+        self._restore: Optional[bytes] = None
 
     def _mirror(self, fields: Optional[tuple]) -> None:
         if fields is not None:
@@ -204,11 +205,11 @@ class RemoteFraudStage:
         """The stage's snapshot (``soundcheck.snapshots.encode_snapshot``), encoded in the child."""
         return await self._call("encode", partition, last_offset, last_event_time)
 
-    def restore(self, state: dict) -> None:
-        """Take a snapshot's state (``capture_stage`` output): sent to the child before the next
-        call (:meth:`sync` sends it now)."""
-        self._restore = state
-        self.done_until = int((state.get("fraud") or {}).get("done_until", self.done_until))
+    def restore(self, blob: bytes) -> None:
+        """Take a snapshot (``soundcheck.snapshots.encode_snapshot`` output): sent to the child, which
+        decodes it, before the next call (:meth:`sync` sends it now). A snapshot the child refuses
+        raises :class:`~soundcheck.snapshots.SnapshotRejected` from that call."""
+        self._restore = blob
 
     async def sync(self) -> None:
         """Send a pending restore now."""

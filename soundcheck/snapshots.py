@@ -65,6 +65,9 @@ class SnapshotRejected(ValueError):
         self.reason = reason
         self.detail = detail
 
+    def __reduce__(self) -> tuple:  # raised in the fraud process, re-raised in the worker with its reason
+        return type(self), (self.reason, self.detail)
+
 
 def _state_classes() -> list[type]:
     """Every dataclass of the detector modules (the state is made of them, and of River's and
@@ -229,12 +232,19 @@ def check_header(header: dict[str, Any]) -> None:
         raise SnapshotRejected("state_schema", "the detector state classes changed since it was written")
 
 
-def decode_snapshot(blob: bytes, settings: Any = None) -> tuple[dict[str, Any], Any]:
-    """``(header, state)``; raises :class:`SnapshotRejected` for a snapshot not to restore."""
+def verify(blob: bytes) -> tuple[dict[str, Any], bytes]:
+    """``(header, payload)`` of a snapshot this worker can restore, its payload still encoded;
+    raises :class:`SnapshotRejected`."""
     header, payload = decode_header(blob)
     check_header(header)
     if len(payload) != header.get("payload_bytes") or zlib.crc32(payload) != header.get("payload_crc32"):
         raise SnapshotRejected("corrupt", "payload length or checksum")
+    return header, payload
+
+
+def decode_snapshot(blob: bytes, settings: Any = None) -> tuple[dict[str, Any], Any]:
+    """``(header, state)``; raises :class:`SnapshotRejected` for a snapshot not to restore."""
+    header, payload = verify(blob)
     try:
         state = loads_state(payload, settings)
     except Exception as exc:  # zlib.error, UnpicklingError, EOFError, AttributeError on a vanished class ...

@@ -71,10 +71,15 @@ def test_the_fraud_stage_in_its_own_process_finds_what_it_finds_on_the_event_loo
             blob = await stage.encode(3, 9, stage.done_until)
             rest = [a.to_json() for value in second for a in await stage.message(value)]
             # a stage restored from the child's snapshot goes on as the original did
-            _, state = snapshots.decode_snapshot(blob, settings)
             restored = proc.stage()
-            restored.restore(state)
+            restored.restore(blob)
             await restored.sync()
+            # a snapshot the child cannot decode is refused with its reason, and the stage goes on
+            refused = proc.stage()
+            refused.restore(blob[:-20] + bytes(20))
+            with pytest.raises(snapshots.SnapshotRejected) as err:
+                await refused.sync()
+            assert err.value.reason == "corrupt"
             n_restored = restored.n_users
             again = [a.to_json() for value in second for a in await restored.message(value)]
             assert again == rest
