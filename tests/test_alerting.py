@@ -66,7 +66,10 @@ def test_correlation_groups_one_dependency_path_and_names_the_most_upstream_root
         state, inc = correlate_step(state, fingerprint(a.kind, a.detector, e), a, e, g, 300_000)
         incidents.append(inc["incident_id"])
     assert len(set(incidents[:4])) == 1  # one incident for the cdn path
-    assert incidents[4] == incidents[0]  # client_experience depends on search too: same path
+    # client_experience depends on search too, but the incident's root (cdn) neither explains a
+    # search fault nor is explained by it: two faults, two incidents
+    assert incidents[4] != incidents[0]
+    assert state["incidents"][1]["root_cause"]["node"] == "search"
     root = state["incidents"][0]["root_cause"]
     assert root["node"] == "cdn" and root["entity"]["cdn_pop"] == "gru1" and root["confidence"] >= 0.5
 

@@ -170,7 +170,8 @@ def correlate_step(
     state: Optional[dict[str, Any]], fp: str, anomaly: Anomaly, entity: Mapping[str, str], graph: ServiceGraph, gap_ms: int
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Place an anomaly in its scope's open incidents: join the first one with a member on the
-    same dependency path (within ``gap_ms`` of its last anomaly), or open a new one. Anomalies
+    same dependency path, and whose root cause is on that path too (within ``gap_ms`` of its last
+    anomaly), or open a new one. Anomalies
     that carry ``details["links"]`` (streaming fraud: the artists, devices and countries of an
     account) join the incident they share a link with instead: a farm is one incident.
 
@@ -186,7 +187,11 @@ def correlate_step(
         elif links:  # accounts are one farm when they share an artist, a device or a country
             if links & set(inc.get("links", ())):
                 target = inc
-        elif any(graph.on_path(anomaly.node, m["node"]) for m in inc["members"].values() if not m.get("linked")):
+        elif any(graph.on_path(anomaly.node, m["node"]) for m in inc["members"].values() if not m.get("linked")) and (
+                "root_cause" not in inc or graph.on_path(anomaly.node, inc["root_cause"]["node"])):
+            # on the path of a member and of the incident's root: a node the root cannot explain,
+            # nor explain it (a licensing fault beside a cdn one, both felt by audio streaming), is
+            # another incident, however the symptoms overlap
             target = inc
         if target is not None:
             break
