@@ -187,11 +187,11 @@ def correlate_step(
         elif links:  # accounts are one farm when they share an artist, a device or a country
             if links & set(inc.get("links", ())):
                 target = inc
-        elif any(graph.on_path(anomaly.node, m["node"]) for m in inc["members"].values() if not m.get("linked")) and (
-                "root_cause" not in inc or graph.on_path(anomaly.node, inc["root_cause"]["node"])):
-            # on the path of a member and of the incident's root: a node the root cannot explain,
-            # nor explain it (a licensing fault beside a cdn one, both felt by audio streaming), is
-            # another incident, however the symptoms overlap
+        elif not inc["members"][inc["root_cause"]["fingerprint"]].get("linked") and graph.on_path(
+                anomaly.node, inc["root_cause"]["node"]):
+            # on the path of the incident's root (one of its members): a node the root cannot
+            # explain, nor explain it (a licensing fault beside a cdn one, both felt by audio
+            # streaming), is another incident, however the symptoms overlap
             target = inc
         if target is not None:
             break
