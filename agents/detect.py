@@ -42,7 +42,7 @@ import orjson
 from soundcheck import snapshots
 from soundcheck.ingest.contracts import Rejection
 from soundcheck.detectors.history import SeriesHistory
-from soundcheck.detectors.stage2 import STREAMS, FraudStage, Stage2, clock_ticks
+from soundcheck.detectors.stage2 import STREAMS, FraudStage, Stage2, clock_ticks, rows_progress
 from soundcheck.kafka.admin import SNAPSHOT_MAX_BYTES, read_latest, snapshot_topic
 from soundcheck.pipeline import decode_internal, publish
 
@@ -225,7 +225,7 @@ def register(app: faust.App, ctx: Any) -> None:
                     found = await unit.message(value)
                 else:
                     doc = decode_internal(value)
-                    found = await stepped(unit.add_steps(doc["source"], doc.get("rows", []), doc.get("closed_until"),
+                    found = await stepped(unit.add_steps(doc["source"], doc.get("rows", []), rows_progress(doc),
                                                          of=doc.get("of"), quiet=bool(doc.get("quiet"))))
                 if unit.late_events > late:
                     m.late_events.labels(stream="fraud").inc(unit.late_events - late)

@@ -91,12 +91,13 @@ def _call(sid: int, op: str, *args: Any) -> tuple[Any, Optional[tuple]]:
         return n, _mirror(st)
     st = _stage(sid)
     if op == "message":
+        from soundcheck.detectors.stage2 import rows_progress
         from soundcheck.pipeline import decode_internal
 
         doc = decode_internal(args[0])
         if doc["stream"] != "fraud":
             raise ValueError(f"a {doc['stream']!r} aggregates message on the fraud topic")
-        found = st.add(doc["source"], doc.get("rows", []), doc.get("closed_until"), of=doc.get("of"), quiet=bool(doc.get("quiet")))
+        found = st.add(doc["source"], doc.get("rows", []), rows_progress(doc), of=doc.get("of"), quiet=bool(doc.get("quiet")))
         return found, _mirror(st)
     if op == "advance":
         return st.advance(), _mirror(st)

@@ -26,7 +26,7 @@ from soundcheck.alerting.engine import AlertEngine
 from soundcheck.alerting.correlate import ServiceGraph, pseudonymize, public_entity
 from soundcheck.ingest.contracts import Contract, Rejection, load_contracts
 from soundcheck.detectors.base import Anomaly
-from soundcheck.detectors.stage2 import STREAMS, FraudStage, Stage2
+from soundcheck.detectors.stage2 import STREAMS, FraudStage, Stage2, rows_progress
 from soundcheck.ingest.partials import (
     Partial, PartitionAggregator, Pseudonyms, fraud_rows, internal_partition, offset_ordinals, stable_partition,
 )
@@ -34,6 +34,7 @@ from soundcheck.settings import Settings
 
 MAX_INTERNAL_BYTES = 512 * 1024  # an internal message (the internal topics keep the broker's 1 MB default limit)
 PROGRESS_SKEW_MS = 5_000  # a partition's event-time progress never runs ahead of the wall clock by more
+ROWS_EVERY_S = 0.5  # wall time between two sends of a partition's fraud rows within a window (see IngestStage)
 KEYINGS = ("natural", "user", "session", "random")
 
 
@@ -72,9 +73,14 @@ def encode_partials(stream: str, source: int, closed_until: int, partials: Seque
                          "partials": [p.to_wire() for p in partials]}, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
-def encode_rows(source: int, closed_until: int, rows: Sequence[Sequence[Any]], quiet: bool = False, of: int = 0) -> bytes:
-    return orjson.dumps({"stream": "fraud", "source": source, "of": of, "closed_until": closed_until, "quiet": quiet,
-                         "rows": rows})
+def encode_rows(source: int, closed_until: int, rows: Sequence[Sequence[Any]], quiet: bool = False, of: int = 0,
+                rows_until: Optional[int] = None) -> bytes:
+    """``rows_until``: the partition sends no more rows before this event time (its watermark), but
+    for records later than the lateness (see :func:`~soundcheck.detectors.stage2.rows_progress`)."""
+    doc = {"stream": "fraud", "source": source, "of": of, "closed_until": closed_until, "quiet": quiet, "rows": rows}
+    if rows_until is not None:
+        doc["rows_until"] = rows_until
+    return orjson.dumps(doc)
 
 
 def _parts(items: Sequence[Any], encode: Any) -> list[tuple[Sequence[Any], bytes]]:
@@ -111,10 +117,15 @@ class IngestStage:
     Every call returns the :class:`AggregatesMessage` list to send; a partition whose window
     closed sends one message to *every* aggregates partition (its partials for that partition,
     possibly none, and its progress), so each stage-2 instance hears every input partition's progress.
+
+    Behaviour rows also go out within a window, at most every ``rows_every_s`` of wall time (``None``:
+    only when a window closes), with the partition's watermark as ``rows_until``: the fraud stage
+    counts them as they complete, and at a window's end only its last rows and the scoring remain.
     """
 
     def __init__(self, settings: Settings, stream: str, contract: Optional[Contract] = None,
-                 aggregates_partitions: int = 1, fraud_partitions: int = 1) -> None:
+                 aggregates_partitions: int = 1, fraud_partitions: int = 1,
+                 rows_every_s: Optional[float] = ROWS_EVERY_S) -> None:
         self.settings = settings
         self.stream = stream
         self.contract = contract or load_contracts()[stream]
@@ -125,6 +136,8 @@ class IngestStage:
         self.sent_progress: dict[int, int] = {}
         #: behaviour rows for the fraud stage not sent yet: input partition -> fraud partition -> rows
         self.fraud_rows: dict[int, dict[int, list]] = {}
+        self.rows_every_s = rows_every_s
+        self.rows_sent: dict[int, tuple[int, float]] = {}  # partition -> the rows_until last sent, and when (wall)
         self.pseudonyms = Pseudonyms(settings.pseudonym_key, bool(settings.privacy.get("pseudonymize_user_ids", True)))
         self.devices = Pseudonyms(settings.pseudonym_key, True)
         self.max_future_ms = int(settings.worker.max_future_skew_s * 1000)
@@ -143,6 +156,7 @@ class IngestStage:
         self.parts.pop(partition, None)
         self.sent_progress.pop(partition, None)
         self.fraud_rows.pop(partition, None)  # their records are not committed (open windows): the next owner reads them
+        self.rows_sent.pop(partition, None)
 
     def process(self, partition: int, records: Sequence[Any], offsets: Optional[np.ndarray] = None,
                 now: Optional[float] = None, ordinals: Optional[Sequence[int]] = None) -> list[AggregatesMessage]:
@@ -163,7 +177,19 @@ class IngestStage:
         wm = pa.watermark()
         if now != float("inf"):  # one record from the near future cannot close everything
             wm = min(wm, int(now * 1000) + PROGRESS_SKEW_MS - pa.lateness_ms)
-        out.extend(self._close(partition, pa.advance(wm)))
+        partials = pa.advance(wm)
+        if self.stream != "behavior":
+            out.extend(self._close(partition, partials))
+            return out
+        mark = max(pa.closed_until, wm)
+        sent = self._close(partition, partials, rows_until=mark)
+        last, at = self.rows_sent.get(partition, (-(2**62), float("-inf")))
+        if sent:
+            self.rows_sent[partition] = (mark, now)
+        elif self.rows_every_s is not None and now != float("inf") and mark > last and now - at >= self.rows_every_s:
+            sent = self._rows(partition, pa.closed_until, pa.closed_until, False, mark)
+            self.rows_sent[partition] = (mark, now)
+        out.extend(sent)
         return out
 
     def process_safely(self, partition: int, records: Sequence[Any], offsets: Optional[np.ndarray] = None,
@@ -172,7 +198,7 @@ class IngestStage:
         the state before it: returns the messages and the (index, reason) of the records that failed
         alone, so that one bad record costs its own dead letter and its neighbours go on."""
         pa = self.get(partition)
-        saved, sent, held = pa.snapshot(), self.sent_progress.get(partition), self._held(partition)
+        saved, sent, held, rows_sent = pa.snapshot(), self.sent_progress.get(partition), self._held(partition), self.rows_sent.get(partition)
         try:
             return self.process(partition, records, offsets, now), []
         except Exception as exc:
@@ -183,6 +209,10 @@ class IngestStage:
             self.sent_progress.pop(partition, None)
         else:
             self.sent_progress[partition] = sent
+        if rows_sent is None:
+            self.rows_sent.pop(partition, None)
+        else:
+            self.rows_sent[partition] = rows_sent
         out: list[AggregatesMessage] = []
         failed: list[tuple[int, str]] = []
         ordinals = offset_ordinals(offsets.tolist() if offsets is not None else [0] * len(records))
@@ -237,7 +267,8 @@ class IngestStage:
             out.extend(self._close(p, closes, quiet=True))
         return out
 
-    def _close(self, partition: int, partials: list[Partial], quiet: bool = False) -> list[AggregatesMessage]:
+    def _close(self, partition: int, partials: list[Partial], quiet: bool = False,
+               rows_until: Optional[int] = None) -> list[AggregatesMessage]:
         pa = self.parts[partition]
         before = self.sent_progress.get(partition, -(2**62))
         if pa.closed_until <= before and not partials and not quiet:
@@ -253,12 +284,19 @@ class IngestStage:
                                            lambda x: encode_partials(self.stream, partition, before, x, False, of)):
                 out.append(AggregatesMessage("aggregates", i, value))
         if self.stream == "behavior":  # the fraud stage needs the rows held so far and the progress
-            held = self.fraud_rows.get(partition, {})
-            for i in range(self.fraud_partitions):
-                for _, value in _progress_last(held.get(i, []), lambda x: encode_rows(partition, pa.closed_until, x, quiet, of),
-                                               lambda x: encode_rows(partition, before, x, False, of)):
-                    out.append(AggregatesMessage("fraud", i, value))
-            self.fraud_rows.pop(partition, None)  # once encoded: a failure before leaves them held
+            out += self._rows(partition, pa.closed_until, before, quiet, rows_until)
+        return out
+
+    def _rows(self, partition: int, closed_until: int, before: int, quiet: bool,
+              rows_until: Optional[int]) -> list[AggregatesMessage]:
+        """The fraud rows ``partition`` holds, to every fraud partition (possibly none: the progress),
+        every part but the last with the progress before (``before``, no ``rows_until``)."""
+        held, of, out = self.fraud_rows.get(partition, {}), self.input_partitions, []
+        for i in range(self.fraud_partitions):
+            for _, value in _progress_last(held.get(i, []), lambda x: encode_rows(partition, closed_until, x, quiet, of, rows_until),
+                                           lambda x: encode_rows(partition, before, x, False, of)):
+                out.append(AggregatesMessage("fraud", i, value))
+        self.fraud_rows.pop(partition, None)  # once encoded: a failure before leaves them held
         return out
 
     def busy_progress(self, partitions: Iterable[int]) -> Optional[int]:
@@ -296,7 +334,7 @@ class DetectStage:
 
     def on_message(self, doc: dict[str, Any], now: Optional[float] = None) -> list[Anomaly]:
         if doc["stream"] == "fraud":
-            return self.fraud.add(doc["source"], doc.get("rows", []), doc.get("closed_until"), now, doc.get("of"), bool(doc.get("quiet")))
+            return self.fraud.add(doc["source"], doc.get("rows", []), rows_progress(doc), now, doc.get("of"), bool(doc.get("quiet")))
         out = self.stages[doc["stream"]].add(doc["source"], doc["partials"], doc.get("closed_until"), now, doc.get("of"), bool(doc.get("quiet")))
         for a in out:  # nothing leaves detection with a raw user or device id
             publish(a, self.settings)
@@ -337,8 +375,9 @@ class OfflinePipeline:
 
     ``partitions``: input partitions per topic; ``keying``: how producers key (``natural``: the
     simulator's region / user / service, ``user``: by user id, ``random``: no key);
-    ``per_message``: records per Kafka message (1: single-record messages).
-    ``alerts`` collects every notification in the order the worker would send them.
+    ``per_message``: records per Kafka message (1: single-record messages); ``rows_every_s``: see
+    :class:`IngestStage` (0: a partition's fraud rows go out at every poll, as the worker's do on
+    live traffic, about twice a second). ``alerts`` collects every notification in the order the worker would send them.
     """
 
     settings: Settings
@@ -347,6 +386,7 @@ class OfflinePipeline:
     per_message: int = 50
     aggregates_partitions: int = 1
     seed: int = 0
+    rows_every_s: Optional[float] = 0.0
     dedup: dict[str, dict] = field(default_factory=dict)
     scopes: dict[str, dict] = field(default_factory=dict)
     control: dict[str, dict] = field(default_factory=dict)
@@ -362,8 +402,8 @@ class OfflinePipeline:
         contracts = load_contracts()
         self.graph = ServiceGraph(self.settings.services)
         self.engine = AlertEngine(self.settings, self.graph, self.dedup, self.scopes, self.control)
-        self.ingest = {s: IngestStage(self.settings, s, contracts[s], self.aggregates_partitions, self.aggregates_partitions)
-                       for s in STREAMS}
+        self.ingest = {s: IngestStage(self.settings, s, contracts[s], self.aggregates_partitions, self.aggregates_partitions,
+                                      self.rows_every_s) for s in STREAMS}
         for ing in self.ingest.values():
             ing.input_partitions = self.partitions
         self.detect = [DetectStage(self.settings, idle_s=float("inf")) for _ in range(self.aggregates_partitions)]

@@ -322,7 +322,7 @@ def capture_stage(value: Any) -> dict[str, Any]:
         return {"streams": {s: {**capture(st), "marks": dict(st.progress.marks), "done_until": st.done_until,
                                 "sources": st.sources} for s, st in value.items()}}
     return {"fraud": {**capture(type("P", (), {"detectors": [value.detector]})()), "marks": dict(value.progress.marks),
-                      "done_until": value.done_until, "pending": value.pending, "offsets": dict(value.offsets),
+                      "done_until": value.done_until, "pending": value.held_rows(), "offsets": dict(value.offsets),
                       "ordinals": dict(value.ordinals)}}
 
 
@@ -346,7 +346,8 @@ def restore_stage(value: Any, state: dict[str, Any]) -> int:
     n = restore(holder, saved)
     value.progress.marks = {int(p): (int(c), now) for p, (c, _) in saved.get("marks", {}).items()}
     value.done_until = int(saved.get("done_until", value.done_until))
-    value.pending = list(saved.get("pending", []))
+    value.pending = list(saved.get("pending", []))  # counted again: the stored state is as of the last scoring
+    value.counted_until = value.done_until
     value.offsets = {int(p): int(o) for p, o in saved.get("offsets", {}).items()}
     value.ordinals = {int(p): int(o) for p, o in saved.get("ordinals", {}).items()}  # (absent: whole offsets)
     return n

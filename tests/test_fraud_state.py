@@ -7,6 +7,7 @@ import pickle
 import random
 from types import SimpleNamespace
 
+import orjson
 import pytest
 
 from soundcheck import snapshots
@@ -451,3 +452,96 @@ def test_an_id_that_is_both_a_device_and_a_payment_method_or_an_artist_keeps_eac
     assert [a.details["top_artists"] for a in found] == [["x-1"]]  # 300 plays in 5 minutes, one artist: flagged
     row, c = det.users.state[_h64(uid)], behavior._codec(det.layout)
     assert row[c.pay] == (_h64("x-1") >> 32) and row[c.dev] == _h64("x-1")
+
+
+# ---------------------------------------------------------------------------------------------
+# counting a window as its rows complete (stage 1 sends them within the window, with rows_until)
+
+
+def _slices(rows: list[list], k: int) -> list[tuple[list[list], int]]:
+    """``rows`` (one window, in event-time order) in ``k`` consecutive slices, each with a progress
+    mark at most the next slice's first event time (nothing before it comes later)."""
+    cut = [len(rows) * i // k for i in range(k + 1)]
+    out = []
+    for i in range(k):
+        part = rows[cut[i]:cut[i + 1]]
+        if part:
+            out.append((part, rows[cut[i + 1]][0] if cut[i + 1] < len(rows) else part[-1][0] + 1))
+    return out
+
+
+def test_a_window_counted_as_its_rows_complete_scores_as_the_window_counted_at_its_end(settings):
+    """Rows sent within their window with the partition's watermark are counted at once (only the
+    scoring waits for the window's end): the same anomalies and the same stored users as a stage
+    fed each window whole at its close; a snapshot taken within a window (counted rows not yet
+    scored) restores into a stage that goes on to the same anomalies and users."""
+    events, farm, _ = farm_and_listeners(seed=14, minutes=30)
+    whole, piecewise = FraudStage(settings), FraudStage(settings)
+    found = {id(whole): [], id(piecewise): []}
+    restored, counted_early = None, 0
+    for n, (end, rows) in enumerate(rows_of(events)):
+        found[id(whole)] += [a.to_json() for a in whole.add(0, rows, end, now=0.0)]
+        for part, mark in _slices(rows, 4):
+            for st in (piecewise, restored):
+                if st is not None:
+                    found.setdefault(id(st), []).extend(a.to_json() for a in st.add(0, part, min(mark, end - 1), now=0.0))
+            counted_early += bool(piecewise.detector.live)
+            if n == 40 and restored is None:  # a snapshot within a window: counted rows wait in the detector
+                assert piecewise.counted and piecewise.detector.live and not piecewise.pending
+                blob = snapshots.encode_snapshot(snapshots.capture_stage(piecewise), stream="fraud", partition=0,
+                                                 last_offset=0, last_event_time=piecewise.done_until, settings=settings)
+                restored = FraudStage(settings)
+                snapshots.restore_stage(restored, snapshots.decode_snapshot(blob, settings)[1])
+                assert len(restored.pending) == len(piecewise.counted) and not restored.detector.live
+                found[id(restored)] = list(found[id(piecewise)])
+        for st in (piecewise, restored):  # the window's end
+            if st is not None:
+                found[id(st)] += [a.to_json() for a in st.add(0, [], end, now=0.0)]
+    assert counted_early > 100 and found[id(whole)] and {a["entity"]["user_id"] for a in map(orjson.loads, found[id(whole)])} == farm
+    assert found[id(piecewise)] == found[id(whole)] == found[id(restored)]
+    assert dict(piecewise.users._items) == dict(whole.users._items) == dict(restored.users._items)
+    assert whole.late_events == piecewise.late_events == restored.late_events == 0
+
+
+def test_a_row_behind_the_progress_in_a_window_still_open_is_counted_not_lost(settings):
+    """A record later than the lateness (or a partition read again) can bring a row the progress has
+    passed while its window is open: it is counted with the next rows, not dropped as late."""
+    stage = FraudStage(settings)
+    user = lambda i: FraudEvent(T0 + i * 100, pseudonym(f"u{i}"), "play_start", "d", "US", "free", "ar-1", None)
+    stage.add(0, [list(user(i)) for i in range(10)], T0 + 2_000, now=0.0)
+    assert len(stage.detector.live) == 10 and stage.counted_until == T0 + 2_000
+    stage.add(0, [list(user(5))[:1] + [pseudonym("straggler")] + list(user(5))[2:]], T0 + 2_000, now=0.0)
+    assert (len(stage.detector.live), len(stage.pending), stage.stragglers) == (11, 0, False)  # counted at once
+    stage.add(0, [], T0 + WINDOW, now=0.0)  # the window's end: scored with the rest
+    assert (stage.late_events, len(stage.pending), len(stage.users)) == (0, 0, 11)
+    stage.add(0, [list(user(1))], T0 + WINDOW, now=0.0)  # its window scored: late now
+    assert stage.late_events == 1
+
+
+def test_stage_1_sends_behaviour_rows_within_the_window_with_its_watermark(settings):
+    import numpy as np
+
+    from soundcheck.ingest.contracts import load_contracts
+    from soundcheck.pipeline import IngestStage, decode_internal
+
+    base = {"ts": T0, "user_id": "u-one", "session_id": "s-1", "device_id": "d-1", "country": "US",
+            "user_segment": "free", "event_type": "play_start", "track_id": "tr-1", "artist_id": "ar-1"}
+    lateness = settings.windows.allowed_lateness_s * 1000
+
+    def sends(rows_every_s):
+        ing = IngestStage(settings, "behavior", rows_every_s=rows_every_s)
+        out = []
+        for sec in range(8):  # 8 s of a 10-s window, one batch a second, read as it happens
+            recs, _ = load_contracts()["behavior"].decode(orjson.dumps(
+                [{**base, "event_id": f"b-{sec}-{i}", "ts": T0 + sec * 1000 + i} for i in range(3)]), now_ms=T0 + 10**7)
+            msgs = ing.process(0, recs, np.full(3, sec, dtype=np.int64), now=(T0 + sec * 1000) / 1000)
+            out.append([decode_internal(m.value) for m in msgs if m.topic == "fraud"])
+        return out
+
+    every = sends(0.5)  # each batch's rows go out at once (a second apart), the watermark with them
+    assert [len(d) for d in every] == [1] * 8 and all(len(d[0]["rows"]) == 3 for d in every)
+    assert [d[0]["rows_until"] for d in every] == [T0 + sec * 1000 + 2 - lateness for sec in range(8)]
+    # the window [T0, T0 + 10 s) is open throughout (the one before closes when the watermark passes T0)
+    assert [d[0]["closed_until"] for d in every] == [T0 - WINDOW] * 5 + [T0] * 3
+    held = sends(None)  # only when a window closes: at the first batch, and when the watermark passes T0
+    assert [len(d) for d in held] == [1, 0, 0, 0, 0, 1, 0, 0] and [len(d[0]["rows"]) for d in held if d] == [3, 15]

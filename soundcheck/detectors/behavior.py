@@ -698,6 +698,9 @@ class FraudDetector:
         self.layout = fraud_layout(self.cfg)
         self.users = FraudUsers(self.layout, int(self.cfg["max_users"]), self.window_ms)
         self.now = 0
+        #: users counted (:meth:`count_steps`) and not scored yet, by id, and their latest event time
+        self.live: dict[Any, list] = {}
+        self.top = -(2**62)
 
     def process(self, records: Sequence[Any], event_time: int | None = None) -> list[Anomaly]:
         """Count a batch; score the users it touched at ``event_time`` (the watermark; default:
@@ -712,15 +715,27 @@ class FraudDetector:
         anomalies): the worker lets other agents run between steps, as a window of a busy stream
         is tens of thousands of events. The outcome is :meth:`process`'s, however it is stepped,
         as long as nothing else uses the detector until the generator is done."""
+        yield from self.count_steps(records, step)
+        return (yield from self.evaluate_steps(event_time, step))
+
+    def count_steps(self, records: Sequence[Any], step: int = STEP_RECORDS) -> Generator[None, None, None]:
+        """Count records into the users' activity without scoring them (the first half of
+        :meth:`process_steps`): the fraud stage counts a window's events as they become complete,
+        in event-time order, and scores the window's users once at its end
+        (:meth:`evaluate_steps`). The state snapshots keep (:attr:`users`) changes only when they
+        are scored; until then the counted users wait in :attr:`live`."""
         if records and not isinstance(records[0], (list, tuple)):  # decoded records (their fields by name)
             records = [(r.ts, r.user_id, r.event_type, r.device_id, r.country, r.user_segment, r.artist_id, r.payment_method_id)
                        for r in records]
-        if records:
-            top = max(r[_TS] for r in records)
-            self.now = max(self.now, top if event_time is None else min(event_time, top))
+        if not records:
+            return
+        self.top = max(self.top, max(r[_TS] for r in records))
         users = self.users
         st = users.state
-        touched = yield from users.load_steps(list(dict.fromkeys(r[_USER] for r in records)), self.now, step)
+        touched = self.live
+        # loaded as of the last scoring (self.now): the same however the window's events were split
+        new = [uid for uid in dict.fromkeys(r[_USER] for r in records) if uid not in touched]
+        touched.update((yield from users.load_steps(new, self.now, step)))
         yield
         c = _codec(self.layout)
         nb, bucket_ms, unit = c.nb, c.bucket_ms, c.unit_ms
@@ -794,6 +809,16 @@ class FraudDetector:
                 if h is None:
                     h = pm_hashes[pm] = (_h64(pm) >> 32) or 1
                 _note(u, h, t, c.pay, c.pay_t, c.npm)
+
+    def evaluate_steps(self, event_time: int | None = None, step: int = STEP_RECORDS) -> Generator[None, None, list[Anomaly]]:
+        """Score the users counted since the last scoring at ``event_time`` (the window's end;
+        default: the latest record counted), store their activity and expire the idle (the second
+        half of :meth:`process_steps`); the anomalies."""
+        users = self.users
+        touched, self.live = self.live, {}
+        if self.top > -(2**62):
+            self.now = max(self.now, self.top if event_time is None else min(event_time, self.top))
+            self.top = -(2**62)
         yield
         out = []
         for n, (uid, u) in enumerate(touched.items()):

@@ -248,6 +248,17 @@ def _sorted_steps(rows: list, chunk: int) -> Generator[None, None, list]:
         yield
 
 
+def rows_progress(doc: dict[str, Any]) -> Optional[int]:
+    """A fraud message's progress: its ``rows_until`` (stage 1 sends no more rows before it, but for
+    records later than the lateness), else its ``closed_until`` (an older worker's, or a window's close).
+
+    >>> rows_progress({"closed_until": 10_000, "rows_until": 13_500}), rows_progress({"closed_until": 10_000})
+    (13500, 10000)
+    """
+    closed, rows = doc.get("closed_until"), doc.get("rows_until")
+    return closed if rows is None else rows if closed is None else max(closed, rows)
+
+
 _WHOLE = 2**62  # the ordinal of a row without one (an older worker's): its whole offset
 
 
@@ -265,7 +276,11 @@ class FraudStage:
         #: garbage collector's care at its first collection, a list never does (a busy window is tens of
         #: thousands of rows, and each full collection walked all of them: 0.1-0.25 s pauses)
         self.pending: list[tuple] = []
-        self.done_until = -(2**62)
+        self.done_until = -(2**62)  # the windows ending at or before this are scored (a window boundary)
+        self.counted_until = -(2**62)  # the rows before this are counted (the progress when it last moved)
+        self.counted: list[tuple] = []  # the counted rows of the window not scored yet (for snapshots)
+        self.open_window: Optional[int] = None  # that window's start
+        self.stragglers = False  # rows came in behind counted_until
         self.late_events = 0
         self.duplicates = 0
         self.offsets: dict[int, int] = {}  # input partition -> the highest source offset of a row taken
@@ -288,6 +303,10 @@ class FraudStage:
                 self.late_events += 1
             else:
                 self.pending.append(tuple(row[:8]))
+                if row[0] < self.counted_until:
+                    # after the progress had passed it (a partition read again, or a record later than
+                    # the lateness in a window still open): counted at the next call, after the others
+                    self.stragglers = True
         if rows and len(rows[-1]) > 8:
             newest = max(top, max((int(r[8]), int(r[9]) if len(r) > 9 else _WHOLE) for r in rows))
             self.offsets[source_partition], self.ordinals[source_partition] = newest
@@ -300,11 +319,15 @@ class FraudStage:
         return drain(self.advance_steps(now, until))
 
     def advance_steps(self, now: Optional[float] = None, until: Optional[int] = None) -> Generator[None, None, list[Anomaly]]:
-        """:meth:`advance` in steps (see :meth:`FraudDetector.process_steps`)."""
+        """:meth:`advance` in steps (see :meth:`FraudDetector.process_steps`): the rows before the
+        progress are counted in event-time order, and a window's users are scored once the progress
+        passes its end. Stage 1 sends a window's rows as it reads them (:func:`rows_progress`), so
+        by the window's end most of them are counted and only its last rows and the scoring remain."""
         wm = self.progress.watermark(now) if until is None else until
-        if wm is None or wm <= self.done_until:
+        if wm is None or (wm <= self.counted_until and not self.stragglers):
             return []
-        self.done_until = wm
+        self.stragglers = False
+        self.counted_until = max(self.counted_until, wm)
         ready: list = []
         later: list = []
         pending, chunk = self.pending, 8 * STEP_RECORDS
@@ -314,26 +337,43 @@ class FraudStage:
             for r in pending[lo:lo + chunk]:
                 (ready if r[0] < wm else later).append(r)
         self.pending = later
-        if not ready:
-            return []
-        ready = yield from _sorted_steps(ready, chunk)
-        yield
         out: list[Anomaly] = []
+        if ready:
+            ready = yield from _sorted_steps(ready, chunk)
+            yield
         lo = 0
         while lo < len(ready):
             window = ready[lo][0] - ready[lo][0] % self.size_ms
             hi = lo
             while hi < len(ready) and ready[hi][0] < window + self.size_ms:
                 hi += 1
-            out.extend((yield from self.detector.process_steps(ready[lo:hi], window + self.size_ms)))
+            if self.open_window is not None and self.open_window < window:  # complete: rows of a later one are
+                out.extend((yield from self._score(self.open_window)))
+            yield from self.detector.count_steps(ready[lo:hi])
+            self.counted.extend(ready[lo:hi])
+            self.open_window = window
             lo = hi
+        if self.open_window is not None and wm >= self.open_window + self.size_ms:
+            out.extend((yield from self._score(self.open_window)))
+        self.done_until = max(self.done_until, wm - wm % self.size_ms)
+        return out
+
+    def _score(self, window: int) -> Generator[None, None, list[Anomaly]]:
+        out = yield from self.detector.evaluate_steps(window + self.size_ms)
+        self.counted, self.open_window = [], None
         return out
 
     def flush(self) -> list[Anomaly]:
-        if not self.pending:
+        tops = [r[0] for r in self.pending] + ([self.open_window] if self.open_window is not None else [])
+        if not tops:
             return []
-        top = max(r[0] for r in self.pending)
+        top = max(tops)
         return self.advance(until=top - top % self.size_ms + self.size_ms)
+
+    def held_rows(self) -> list[tuple]:
+        """The rows a snapshot keeps: those not counted yet and those of the window not scored yet
+        (the detector's stored state is as of its last scoring: a restored stage counts them again)."""
+        return self.counted + self.pending
 
     @property
     def users(self) -> Any:
