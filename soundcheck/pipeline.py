@@ -3,9 +3,9 @@
 * :class:`IngestStage` is stage 1 of one input stream over the input partitions a worker reads:
   decode (:mod:`soundcheck.ingest.contracts`), partial aggregates (:mod:`soundcheck.ingest.partials`),
   and the messages for the internal topics: partials keyed by entity for the aggregates topic,
-  behaviour rows keyed by pseudonymised user for the fraud topic (held until the partition's
-  progress moves, then sent with it: a few messages a window, not one per batch and fraud
-  partition), each with the partition's progress (:class:`AggregatesMessage`).
+  behaviour rows keyed by pseudonymised user for the fraud topic (held, then sent with the
+  partition's watermark every half second of wall time and when a window closes: not one message
+  per batch and fraud partition), each with the partition's progress (:class:`AggregatesMessage`).
 * :class:`~soundcheck.detectors.stage2.Stage2` / :class:`~soundcheck.detectors.stage2.FraudStage`
   merge those per entity and detect.
 * :class:`OfflinePipeline` runs the very same code over a simulator run without a broker, with

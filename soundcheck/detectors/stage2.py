@@ -9,9 +9,10 @@ the others back: wall time decides *when* to act on a quiet stream, never *what*
 window holds.
 
 :class:`FraudStage` does the same for the fraud detector over the repartitioned behaviour events
-(keyed by pseudonymised user): events are buffered until the progress passes their window, then
-fed in event-time order one window at a time, so that the outcome does not depend on how the
-events were split into partitions or batches.
+(keyed by pseudonymised user): events are buffered until the progress passes them (stage 1 sends
+them within a window, with its watermark), counted in event-time order, and a window's users are
+scored once the progress passes its end, so that the outcome does not depend on how the events
+were split into partitions, batches or messages.
 
 No Kafka, no Faust: the worker's agents and the offline pipeline feed these the same way.
 """
