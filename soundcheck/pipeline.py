@@ -169,7 +169,7 @@ class IngestStage:
             rows = fraud_rows(records, pa.closed_until, pa.size_ms, self.pseudonyms, self.fraud_partitions, self.devices,
                               offsets.tolist() if offsets is not None else None, ordinals)
         pa.add(records, offsets)
-        if rows:  # held until this partition's progress moves (_close): a few messages a window, not one per batch
+        if rows:  # held until a window closes or rows_every_s passes (_close, _rows): not a message per batch
             held = self.fraud_rows.setdefault(partition, {})
             for part, r in rows.items():
                 held.setdefault(part, []).extend(r)
@@ -376,8 +376,8 @@ class OfflinePipeline:
     ``partitions``: input partitions per topic; ``keying``: how producers key (``natural``: the
     simulator's region / user / service, ``user``: by user id, ``random``: no key);
     ``per_message``: records per Kafka message (1: single-record messages); ``rows_every_s``: see
-    :class:`IngestStage` (0: a partition's fraud rows go out at every poll, as the worker's do on
-    live traffic, about twice a second). ``alerts`` collects every notification in the order the worker would send them.
+    :class:`IngestStage` (0: with a clock, ``now_ms``, a partition's fraud rows go out at every poll,
+    as the worker's do on live traffic, about twice a second). ``alerts`` collects every notification in the order the worker would send them.
     """
 
     settings: Settings

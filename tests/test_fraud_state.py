@@ -545,3 +545,22 @@ def test_stage_1_sends_behaviour_rows_within_the_window_with_its_watermark(setti
     assert [d[0]["closed_until"] for d in every] == [T0 - WINDOW] * 5 + [T0] * 3
     held = sends(None)  # only when a window closes: at the first batch, and when the watermark passes T0
     assert [len(d) for d in held] == [1, 0, 0, 0, 0, 1, 0, 0] and [len(d[0]["rows"]) for d in held if d] == [3, 15]
+
+
+def test_a_user_back_after_half_a_day_with_nothing_scored_between_counts_only_its_new_devices(settings):
+    """The fraud stage loads a user as of the window it counts (not as of the last window it scored:
+    after a gap with no traffic at all, that one is hours old): a user whose items are older than the
+    window and the 16-bit stamps' half range starts afresh, as when the window was fed whole."""
+    uid = pseudonym("returning")
+    play = lambda t, dev: [t, uid, "play_start", pseudonym(dev), "US", "free", "ar-1", None]
+    for st in (FraudStage(settings), None):
+        det = st.detector if st is not None else FraudDetector(settings)
+        for start, devices in ((T0, ("old-1", "old-2")), (T0 + 12 * HOUR, ("new-1",))):
+            rows = [play(start + i * 1000, devices[i % len(devices)]) for i in range(4)]
+            if st is not None:
+                st.add(0, rows[:2], start + 1500, now=0.0)  # within the window, then its end
+                st.add(0, rows[2:], start + WINDOW, now=0.0)
+            else:
+                det.process(rows, start + WINDOW)
+        u = det.users.load([uid], det.now)[uid]
+        assert det.features(u, det.now)["devices"] == 1

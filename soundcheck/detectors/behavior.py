@@ -698,9 +698,9 @@ class FraudDetector:
         self.layout = fraud_layout(self.cfg)
         self.users = FraudUsers(self.layout, int(self.cfg["max_users"]), self.window_ms)
         self.now = 0
-        #: users counted (:meth:`count_steps`) and not scored yet, by id, and their latest event time
+        #: users counted (:meth:`count_steps`) and not scored yet (unpacked, by id)
         self.live: dict[Any, list] = {}
-        self.top = -(2**62)
+        self.top = -(2**62)  # the latest event time counted since the last scoring
 
     def process(self, records: Sequence[Any], event_time: int | None = None) -> list[Anomaly]:
         """Count a batch; score the users it touched at ``event_time`` (the watermark; default:
@@ -715,15 +715,24 @@ class FraudDetector:
         anomalies): the worker lets other agents run between steps, as a window of a busy stream
         is tens of thousands of events. The outcome is :meth:`process`'s, however it is stepped,
         as long as nothing else uses the detector until the generator is done."""
-        yield from self.count_steps(records, step)
+        if records and not isinstance(records[0], (list, tuple)):  # decoded records (their fields by name)
+            records = [(r.ts, r.user_id, r.event_type, r.device_id, r.country, r.user_segment, r.artist_id, r.payment_method_id)
+                       for r in records]
+        top = max((r[_TS] for r in records), default=None)
+        at = None if top is None else top if event_time is None else min(event_time, top)
+        yield from self.count_steps(records, step, at)
         return (yield from self.evaluate_steps(event_time, step))
 
-    def count_steps(self, records: Sequence[Any], step: int = STEP_RECORDS) -> Generator[None, None, None]:
+    def count_steps(self, records: Sequence[Any], step: int = STEP_RECORDS, at: int | None = None) -> Generator[None, None, None]:
         """Count records into the users' activity without scoring them (the first half of
         :meth:`process_steps`): the fraud stage counts a window's events as they become complete,
         in event-time order, and scores the window's users once at its end
-        (:meth:`evaluate_steps`). The state snapshots keep (:attr:`users`) changes only when they
-        are scored; until then the counted users wait in :attr:`live`."""
+        (:meth:`evaluate_steps`). A user is loaded as of ``at`` (the fraud stage: its window's start;
+        at least the last scoring's time), so that one idle for longer than the window starts afresh
+        however long nothing was scored. The users' rows in :attr:`users` change only when they are
+        scored (its shared tables of artist names, segments and countries grow as rows are counted;
+        counting the same rows again gives the same); until then the counted users wait in
+        :attr:`live`."""
         if records and not isinstance(records[0], (list, tuple)):  # decoded records (their fields by name)
             records = [(r.ts, r.user_id, r.event_type, r.device_id, r.country, r.user_segment, r.artist_id, r.payment_method_id)
                        for r in records]
@@ -733,9 +742,8 @@ class FraudDetector:
         users = self.users
         st = users.state
         touched = self.live
-        # loaded as of the last scoring (self.now): the same however the window's events were split
         new = [uid for uid in dict.fromkeys(r[_USER] for r in records) if uid not in touched]
-        touched.update((yield from users.load_steps(new, self.now, step)))
+        touched.update((yield from users.load_steps(new, self.now if at is None else max(self.now, at), step)))
         yield
         c = _codec(self.layout)
         nb, bucket_ms, unit = c.nb, c.bucket_ms, c.unit_ms

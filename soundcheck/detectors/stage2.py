@@ -35,7 +35,8 @@ STREAMS = ("audio", "behavior", "system")
 
 
 class SourceProgress:
-    """The progress (closed-until event time) of each input partition of one stream.
+    """The progress (closed-until event time; for the fraud stage, :func:`rows_progress`) of each
+    input partition of one stream.
 
     >>> sp = SourceProgress(idle_s=10)
     >>> sp.update(0, 20_000, now=0.0); sp.update(1, 10_000, now=0.0)
@@ -273,7 +274,7 @@ class FraudStage:
         self.detector = FraudDetector(settings, settings.topics.behavior)
         self.size_ms = settings.windows.aggregate_s * 1000
         self.progress = SourceProgress(idle_after_s(settings) if idle_s is None else idle_s)
-        #: rows waiting for their window to close, as tuples: a tuple of strings and numbers leaves the
+        #: rows waiting for the progress to pass them, as tuples: a tuple of strings and numbers leaves the
         #: garbage collector's care at its first collection, a list never does (a busy window is tens of
         #: thousands of rows, and each full collection walked all of them: 0.1-0.25 s pauses)
         self.pending: list[tuple] = []
@@ -287,13 +288,13 @@ class FraudStage:
         self.offsets: dict[int, int] = {}  # input partition -> the highest source offset of a row taken
         self.ordinals: dict[int, int] = {}  # input partition -> the ordinal, within that offset, of the last row taken
 
-    def add(self, source_partition: int, rows: Sequence[Sequence[Any]], closed_until: Optional[int],
+    def add(self, source_partition: int, rows: Sequence[Sequence[Any]], progress: Optional[int],
             now: Optional[float] = None, of: Optional[int] = None, quiet: bool = False) -> list[Anomaly]:
-        """The rows of one fraud message, and its source partition's progress; the anomalies of the
-        windows it completes."""
-        return drain(self.add_steps(source_partition, rows, closed_until, now, of, quiet))
+        """The rows of one fraud message, and its source partition's progress (:func:`rows_progress`);
+        the anomalies of the windows it completes."""
+        return drain(self.add_steps(source_partition, rows, progress, now, of, quiet))
 
-    def add_steps(self, source_partition: int, rows: Sequence[Sequence[Any]], closed_until: Optional[int],
+    def add_steps(self, source_partition: int, rows: Sequence[Sequence[Any]], progress: Optional[int],
                   now: Optional[float] = None, of: Optional[int] = None, quiet: bool = False) -> Generator[None, None, list[Anomaly]]:
         """:meth:`add` in steps (see :meth:`FraudDetector.process_steps`)."""
         top = (self.offsets.get(source_partition, -1), self.ordinals.get(source_partition, _WHOLE))
@@ -311,8 +312,8 @@ class FraudStage:
         if rows and len(rows[-1]) > 8:
             newest = max(top, max((int(r[8]), int(r[9]) if len(r) > 9 else _WHOLE) for r in rows))
             self.offsets[source_partition], self.ordinals[source_partition] = newest
-        if closed_until is not None:
-            self.progress.update(source_partition, closed_until, now, of, quiet)
+        if progress is not None:
+            self.progress.update(source_partition, progress, now, of, quiet)
         return (yield from self.advance_steps(now))
 
     def advance(self, now: Optional[float] = None, until: Optional[int] = None) -> list[Anomaly]:
@@ -328,7 +329,9 @@ class FraudStage:
         if wm is None or (wm <= self.counted_until and not self.stragglers):
             return []
         self.stragglers = False
-        self.counted_until = max(self.counted_until, wm)
+        # (rows behind counted_until, stragglers, are counted now even when wm went back: a partition
+        # left out of the watermark as idle that reports again)
+        self.counted_until = upto = max(self.counted_until, wm)
         ready: list = []
         later: list = []
         pending, chunk = self.pending, 8 * STEP_RECORDS
@@ -336,7 +339,7 @@ class FraudStage:
             if lo:
                 yield
             for r in pending[lo:lo + chunk]:
-                (ready if r[0] < wm else later).append(r)
+                (ready if r[0] < upto else later).append(r)
         self.pending = later
         out: list[Anomaly] = []
         if ready:
@@ -350,7 +353,7 @@ class FraudStage:
                 hi += 1
             if self.open_window is not None and self.open_window < window:  # complete: rows of a later one are
                 out.extend((yield from self._score(self.open_window)))
-            yield from self.detector.count_steps(ready[lo:hi])
+            yield from self.detector.count_steps(ready[lo:hi], at=window)
             self.counted.extend(ready[lo:hi])
             self.open_window = window
             lo = hi
