@@ -48,9 +48,14 @@ def scenario_run(kafka_bootstrap, unique_name, tmp_path_factory):
             lambda: worker.metric_sum("soundcheck_events_in_total") >= valid and worker.metric_sum("soundcheck_dead_letters_total") >= bad,
             timeout=300, what="every record read",
         )
-        worker.wait_for(lambda: worker.metric_sum("soundcheck_anomalies_total") > 0 and worker.drained(), timeout=120, what="windows flushed and anomalies alerted")
-        n_alerts = worker.metric_sum("soundcheck_alerts_total")
+        worker.wait_for(lambda: worker.metric_sum("soundcheck_anomalies_total") > 0, timeout=120, what="anomalies")
+        worker.wait_settled(timeout=120, quiet_s=3.0, what="windows flushed and anomalies alerted")
+        n_alerts, n_anomalies = worker.metric_sum("soundcheck_alerts_total"), worker.metric_sum("soundcheck_anomalies_total")
         alerts = asyncio.run(read_topic(kafka_bootstrap, s.topics.alerts, until=lambda r: len(r) >= n_alerts, timeout=60))
+        anomalies = [orjson.loads(r.value) for r in asyncio.run(read_topic(
+            kafka_bootstrap, s.topics.anomalies, timeout=60,
+            until=lambda r: sum(1 for x in r if b'"tick"' not in x.value) >= n_anomalies))]
+        anomalies = [a for a in anomalies if "tick" not in a]
         dead = asyncio.run(read_topic(kafka_bootstrap, s.topics.dead_letter, until=lambda r: len(r) >= bad, timeout=60))
         metrics = worker.metrics()
         metrics_text = worker._get("/metrics")
@@ -60,9 +65,26 @@ def scenario_run(kafka_bootstrap, unique_name, tmp_path_factory):
         raw["(worker log)"] = len(set(_raw_id_pattern(sim.tag).findall(worker.log_path.read_bytes())))
         raw["(/metrics)"] = len(set(_raw_id_pattern(sim.tag).findall(metrics_text)))
         print("\nraw user/device ids by topic:", raw)
-        yield s, sim, truth, alerts, dead, metrics, raw
+        yield s, sim, truth, alerts, dead, metrics, raw, anomalies
     finally:
         worker.stop()
+
+
+def _why_missed(row: dict, truth: dict, alerts: list, anomalies: list[dict], metrics: dict) -> str:
+    """What the worker did around a scenario it did not alert on: its alerts and anomalies in the
+    scenario's region (event times in seconds from the run's start) and the records it left out."""
+    start = truth["start_ms"]
+    sc = next(x for x in truth["scenarios"] if x["name"] == row["name"])
+    at = lambda ms: round((ms - start) / 1000)  # noqa: E731
+    near = [orjson.loads(r.value) for r in alerts]
+    near = [(a["status"], a["priority"], a["kind"], a["entity"], at(a["event_time"])) for a in near
+            if row["region"] in (a["entity"].get("region"), a["entity"].get("country"))]
+    found = [(a.get("detector"), a.get("entity"), at(a.get("event_time") or a.get("window_start") or start), a.get("score"))
+             for a in anomalies if row["region"] in orjson.dumps(a).decode()]
+    left_out = {k: v for k, v in metrics.items() if k.startswith(("soundcheck_late_events_total", "soundcheck_late_partials_total")) and v}
+    return (f"{row}\nscenario {sc['name']} {at(sc['start_ms'])}-{at(sc['end_ms'])} s, expected {sc['expect']}"
+            f"\nalerts in {row['region']}: {near}\nanomalies in {row['region']} ({len(found)}): {found[:40]}"
+            f"\nrecords left out: {left_out}")
 
 
 def _raw_id_pattern(tag: str) -> "re.Pattern[bytes]":
@@ -109,22 +131,22 @@ async def _raw_ids_by_topic(s, tag: str) -> tuple[dict[str, int], dict[str, int]
 
 
 def test_each_injected_incident_alerts_on_the_right_entity_with_a_plausible_severity(scenario_run):
-    s, sim, truth, alerts, dead, metrics, raw = scenario_run
+    s, sim, truth, alerts, dead, metrics, raw, anomalies = scenario_run
     report = evaluate([orjson.loads(r.value) for r in alerts], truth, s)
     for row in report["scenarios"]:
         if row.get("must_not_page"):
             continue
-        assert row["found"], row
+        assert row["found"], _why_missed(row, truth, alerts, anomalies, metrics)
         assert row["severity"] in ("medium", "high", "critical"), row
 
 
 def test_the_benign_surge_pages_nobody(scenario_run):
-    s, sim, truth, alerts, dead, metrics, raw = scenario_run
+    s, sim, truth, alerts, dead, metrics, raw, anomalies = scenario_run
     assert evaluate([orjson.loads(r.value) for r in alerts], truth, s)["benign_pages"] == 0
 
 
 def test_alerts_are_keyed_by_fingerprint_and_match_the_alert_schema(scenario_run):
-    s, sim, truth, alerts, dead, metrics, raw = scenario_run
+    s, sim, truth, alerts, dead, metrics, raw, anomalies = scenario_run
     schema = json.loads((SCHEMA_DIR / "alert.schema.json").read_text())
     assert alerts
     for r in alerts:
@@ -135,7 +157,7 @@ def test_alerts_are_keyed_by_fingerprint_and_match_the_alert_schema(scenario_run
 
 
 def test_every_malformed_record_is_dead_lettered_with_its_origin_and_nothing_else_is_lost(scenario_run):
-    s, sim, truth, alerts, dead, metrics, raw = scenario_run
+    s, sim, truth, alerts, dead, metrics, raw, anomalies = scenario_run
     schema = json.loads((SCHEMA_DIR / "dead_letter.schema.json").read_text())
     assert len(dead) == truth["produced_malformed"] == 30
     for r in dead:
@@ -154,7 +176,7 @@ def test_every_malformed_record_is_dead_lettered_with_its_origin_and_nothing_els
 
 
 def test_nothing_the_worker_writes_holds_a_raw_user_or_device_id(scenario_run):
-    s, sim, truth, alerts, dead, metrics, raw = scenario_run
+    s, sim, truth, alerts, dead, metrics, raw, anomalies = scenario_run
     snapshots = s.kafka.app_id + ".snapshots"
     assert raw[s.topics.behavior] > 100 and raw[s.topics.audio] > 100  # the scan does find raw ids where they are
     assert raw[snapshots] == 0 and raw[s.topics.aggregates] == 0 and raw[s.topics.fraud] == 0
@@ -188,9 +210,10 @@ def test_the_detection_goals_hold_through_the_real_broker(scenario_run):
     """`soundcheck eval scenarios` measures these offline; the same check on one scenario run through Kafka."""
     from soundcheck.evaluation.scenarios import GOALS, score_run
 
-    s, sim, truth, alerts, dead, metrics, raw = scenario_run
+    s, sim, truth, alerts, dead, metrics, raw, anomalies = scenario_run
     r = score_run([orjson.loads(a.value) for a in alerts], truth, s)
-    assert r["recall"] >= GOALS["recall"], r["scenarios"]
+    missed = [row for row in r["scenarios"] if row.get("found") is False]
+    assert r["recall"] >= GOALS["recall"], [_why_missed(row, truth, alerts, anomalies, metrics) for row in missed]
     assert r["precision"] >= GOALS["precision"], r["unmatched"]
     assert r["median_delay_s"] < GOALS["median_delay_s"]
     assert r["benign_pages"] == 0

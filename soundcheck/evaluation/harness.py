@@ -70,6 +70,24 @@ class WorkerProcess:
         pending = sum(v for k, v in m.items() if k.startswith("soundcheck_open_windows"))
         return pending == 0 and handled >= emitted
 
+    def wait_settled(self, timeout: float, quiet_s: float = 3.0, what: str = "the worker to settle") -> None:
+        """Wait until :meth:`drained` holds and nothing the worker counts (records read, anomalies,
+        alerts, decisions) has changed for ``quiet_s``: stage 1's windows being closed does not mean
+        stage 2 has read their partials, nor that the alerting clock's last ticks were acted on."""
+        keys = ("soundcheck_events_in_total", "soundcheck_anomalies_total", "soundcheck_anomalies_handled_total",
+                "soundcheck_alerts_total", "soundcheck_decisions_total")
+        last: Optional[tuple] = None
+        since = time.monotonic()
+
+        def settled() -> bool:
+            nonlocal last, since
+            now = tuple(self.metric_sum(k) for k in keys) + (self.drained(),)
+            if now != last:
+                last, since = now, time.monotonic()
+            return bool(now[-1]) and time.monotonic() - since >= quiet_s
+
+        self.wait_for(settled, timeout=timeout, what=what)
+
     def wait_ready(self, timeout: float = 90.0, poll_s: float = 0.25) -> dict[str, Any]:
         """Wait until the worker answers and has partitions assigned (``ready`` in its /health)."""
         deadline = time.monotonic() + timeout
