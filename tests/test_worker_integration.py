@@ -58,6 +58,8 @@ def scenario_run(kafka_bootstrap, unique_name, tmp_path_factory):
         anomalies = [a for a in anomalies if "tick" not in a]
         dead = asyncio.run(read_topic(kafka_bootstrap, s.topics.dead_letter, until=lambda r: len(r) >= bad, timeout=60))
         metrics = worker.metrics()
+        metrics["(worker log)"] = [line for line in worker.log_path.read_text(errors="replace").splitlines()
+                                   if re.search(r"Revoking|overlapping|ERROR|CRITICAL|soundcheck\.\w+:", line)][-40:]
         metrics_text = worker._get("/metrics")
         assert worker.stop() == 0  # a clean stop writes the last snapshots
         raw, records = asyncio.run(_raw_ids_by_topic(s, sim.tag))
@@ -82,9 +84,10 @@ def _why_missed(row: dict, truth: dict, alerts: list, anomalies: list[dict], met
     found = [(a.get("detector"), a.get("entity"), at(a.get("event_time") or a.get("window_start") or start), a.get("score"))
              for a in anomalies if row["region"] in orjson.dumps(a).decode()]
     left_out = {k: v for k, v in metrics.items() if k.startswith(("soundcheck_late_events_total", "soundcheck_late_partials_total")) and v}
+    log = "\n".join(metrics.get("(worker log)", []))
     return (f"{row}\nscenario {sc['name']} {at(sc['start_ms'])}-{at(sc['end_ms'])} s, expected {sc['expect']}"
             f"\nalerts in {row['region']}: {near}\nanomalies in {row['region']} ({len(found)}): {found[:40]}"
-            f"\nrecords left out: {left_out}")
+            f"\nrecords left out: {left_out}\nfrom the worker's log:\n{log}")
 
 
 def _raw_id_pattern(tag: str) -> "re.Pattern[bytes]":
