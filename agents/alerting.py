@@ -263,6 +263,7 @@ def register(app: faust.App, ctx: Any) -> None:
             try:
                 doc = orjson.loads(event.value)
                 if "tick" in doc:
+                    m.internal_read.labels(kind="ticks").inc()
                     notes = on_tick(partition, doc)
                 else:
                     m.anomalies_handled.inc()

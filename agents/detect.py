@@ -211,6 +211,7 @@ def register(app: faust.App, ctx: Any) -> None:
                 value = orjson.dumps({"tick": stream, "source": partition, "event_time": t})
                 for target in range(n_anomalies):
                     await anomalies_topic.send(value=value, partition=target)
+                m.internal_sent.labels(kind="ticks").inc(n_anomalies)
 
     async def handle(holder: UnitHolder, part: int, offset: int, value: bytes) -> None:
         """One message of the aggregates or fraud topic into its partition's unit (skipped if the
@@ -258,6 +259,7 @@ def register(app: faust.App, ctx: Any) -> None:
                     key, value = dead_letter(event, Rejection("processing_error", f"{name}: {type(exc).__name__}: {exc}"), holder.role)
                     await dlq.send(key=key, value=value)
                     m.dead_letters.labels(topic=event.message.topic, reason="processing_error").inc()
+                m.internal_read.labels(kind=holder.role).inc()
             set_tracked(m, holder)
 
         return agent

@@ -325,7 +325,12 @@ def register(app: faust.App, ctx: Any) -> None:
             return hw is not None and nxt is not None and nxt >= hw
 
         async def send_all(self, msgs: list[AggregatesMessage]) -> list[asyncio.Future]:
-            return [await self.producer.send(internal[a.topic], a.value, partition=a.partition) for a in msgs]
+            out = []
+            for a in msgs:
+                fut = await self.producer.send(internal[a.topic], a.value, partition=a.partition)
+                fut.add_done_callback(lambda f, kind=a.topic: f.cancelled() or f.exception() or m.internal_sent.labels(kind=kind).inc())
+                out.append(fut)
+            return out
 
         async def commit(self, force: bool = False, only: Optional[set] = None) -> None:
             now = time.time()

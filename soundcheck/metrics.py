@@ -66,6 +66,14 @@ class WorkerMetrics:
         self.anomalies_handled = Counter(
             "soundcheck_anomalies_handled", "Anomalies through the alerting agent (alerted or folded into one)", registry=registry
         )
+        self.internal_sent = Counter(
+            "soundcheck_internal_sent", "Messages this worker wrote to its internal topics, by kind (aggregates, fraud: "
+            "stage 1 to stage 2; ticks: stage 2's event-time ticks to the alerting agent)", ["kind"], registry=registry,
+        )
+        self.internal_read = Counter(
+            "soundcheck_internal_read", "Messages this worker's stage-2 and alerting agents read from the internal topics, "
+            "by kind (sent minus read: what is in flight between the stages)", ["kind"], registry=registry,
+        )
         self.open_windows = Gauge(
             "soundcheck_open_windows", "Event-time windows still open (waiting for later events or the idle flush), by stream",
             ["stream"], registry=registry,

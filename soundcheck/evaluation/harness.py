@@ -63,12 +63,16 @@ class WorkerProcess:
             return -1.0
 
     def drained(self) -> bool:
-        """No window open, and every anomaly stage 2 emitted taken in by the alerting stage."""
+        """No window open in stage 1, every message between the stages (partials, fraud rows,
+        event-time ticks) read by the next, and every anomaly stage 2 emitted taken in by the
+        alerting stage (one worker: its own counters say what it sent and read)."""
         m = self.metrics()
-        emitted = sum(v for k, v in m.items() if k.startswith("soundcheck_anomalies_total"))
-        handled = sum(v for k, v in m.items() if k.startswith("soundcheck_anomalies_handled_total"))
-        pending = sum(v for k, v in m.items() if k.startswith("soundcheck_open_windows"))
-        return pending == 0 and handled >= emitted
+        total = lambda prefix: sum(v for k, v in m.items() if k.startswith(prefix))  # noqa: E731
+        kinds = {k.split('kind="', 1)[1].split('"', 1)[0] for k in m if k.startswith("soundcheck_internal_sent_total{")}
+        in_flight = [kind for kind in kinds if total(f'soundcheck_internal_read_total{{kind="{kind}"}}')
+                     < total(f'soundcheck_internal_sent_total{{kind="{kind}"}}')]
+        return (total("soundcheck_open_windows") == 0 and not in_flight
+                and total("soundcheck_anomalies_handled_total") >= total("soundcheck_anomalies_total"))
 
     def wait_settled(self, timeout: float, quiet_s: float = 3.0, what: str = "the worker to settle") -> None:
         """Wait until :meth:`drained` holds and nothing the worker counts (records read, anomalies,
