@@ -111,6 +111,20 @@ def _call(sid: int, op: str, *args: Any) -> tuple[Any, Optional[tuple]]:
     raise ValueError(f"unknown fraud process operation {op!r}")
 
 
+def _call_many(calls: list[tuple[int, str, tuple]]) -> list[tuple[bool, Any, Optional[tuple]]]:
+    """Several :func:`_call` in one round trip, in order; each ``(ok, result or (exception type,
+    message), stage fields)``: one failing call does not stop the next."""
+    out: list[tuple[bool, Any, Optional[tuple]]] = []
+    for sid, op, args in calls:
+        try:
+            result, fields = _call(sid, op, *args)
+            out.append((True, result, fields))
+        except Exception as exc:  # reported per call: the worker dead-letters that message only
+            st = _STAGES.get(sid)
+            out.append((False, (type(exc).__name__, str(exc)[:500]), _mirror(st) if st is not None else None))
+    return out
+
+
 # -- the worker's side ------------------------------------------------------------------------
 
 
@@ -143,6 +157,14 @@ class FraudProcess:
     async def call(self, sid: int, op: str, *args: Any) -> tuple[Any, Optional[tuple]]:
         try:
             return await asyncio.get_running_loop().run_in_executor(self.pool, _call, sid, op, *args)
+        except BrokenExecutor as exc:
+            raise FraudProcessDied(f"the fraud process is gone ({type(exc).__name__}: {exc})") from exc
+
+    async def call_many(self, calls: list[tuple[int, str, tuple]]) -> list[tuple[bool, Any, Optional[tuple]]]:
+        """Several calls in one round trip (see :func:`_call_many`): a burst of fraud messages waits for
+        one turn of the event loop, not one each."""
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.pool, _call_many, calls)
         except BrokenExecutor as exc:
             raise FraudProcessDied(f"the fraud process is gone ({type(exc).__name__}: {exc})") from exc
 
@@ -181,16 +203,17 @@ class RemoteFraudStage:
         self.progress = _Progress()
         self._restore: Optional[bytes] = None
 
-    def _mirror(self, fields: Optional[tuple]) -> None:
+    def mirror(self, fields: Optional[tuple]) -> None:
+        """Take the stage's fields as the child reports them after a call."""
         if fields is not None:
             self.done_until, self.late_events, self.progress.all_quiet, self.n_users = fields
 
     async def _call(self, op: str, *args: Any) -> Any:
         if self._restore is not None:
             state, self._restore = self._restore, None
-            self._mirror((await self.proc.call(self.sid, "restore", state))[1])
+            self.mirror((await self.proc.call(self.sid, "restore", state))[1])
         out, fields = await self.proc.call(self.sid, op, *args)
-        self._mirror(fields)
+        self.mirror(fields)
         return out
 
     async def message(self, value: bytes) -> list:

@@ -42,6 +42,7 @@ class WorkerContext:
     snapshots: Any = None  # agents.detect.SnapshotKeeper: stage-2 state snapshots per partition
     history: Any = None  # soundcheck.detectors.history.SeriesHistory: recent window values (the incident page)
     fraud_process: Any = None  # agents.fraud_process.FraudProcess: the child process the fraud stage runs in
+    fraud_batch: Any = None  # agents.detect: a batch of fraud-topic events into the fraud process (the fraud agent's handler)
 
 
 #: how long a fetch of Faust's consumer may wait at the broker for data (Faust hard-codes 1,500 ms).

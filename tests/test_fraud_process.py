@@ -209,3 +209,57 @@ def test_the_fraud_agent_sends_the_stage_s_anomalies_and_ticks_with_either_setti
     assert len(ticks) > 1 and all(a < b for a, b in zip(ticks, ticks[1:]))
     assert ctx.metrics.value("soundcheck_late_events_total", stream="fraud") == local.late_events + 3
     assert ctx.processors["fraud"].offsets[2] == len(messages)
+
+
+def test_the_fraud_agent_hands_a_batch_to_the_child_in_one_round_trip_with_the_same_outcome(settings, tmp_path, monkeypatch):
+    """The fraud agent takes the messages waiting for it as one batch (agents.detect.handle_remote):
+    one call to the child for all of them, the anomalies and late rows of handling them one by
+    one, a message read again skipped, and a message the child fails on reported alone, its
+    neighbours handled."""
+    from types import SimpleNamespace
+
+    from prometheus_client import CollectorRegistry
+
+    from streams.app import create_app
+
+    monkeypatch.setenv("SOUNDCHECK_DATA_DIR", str(tmp_path))
+    app, ctx = create_app(settings.replace(worker={"fraud_process": True}), CollectorRegistry())
+    sent: list[dict] = []
+
+    async def capture(key=None, value=None, partition=None, **kw):
+        sent.append(orjson.loads(value))
+
+    ctx.topics["anomalies"].send = capture
+    events, farm, _ = farm_and_listeners(seed=21, minutes=30)
+    messages = _messages(events)
+    late = orjson.dumps({"stream": "fraud", "source": 0, "rows": rows_of(events)[0][1][:3], "closed_until": None})
+    bad = b'{"stream": "fraud", "source": 0, "rows": [[1, 2'  # cut short: the child cannot decode it
+    values = messages[:40] + [bad] + messages[40:] + [late]
+    batch = lambda lo, hi: [SimpleNamespace(value=v, message=SimpleNamespace(partition=3, offset=o, topic="fraud"))
+                            for o, v in enumerate(values[lo:hi], lo)]
+    calls = []
+
+    async def run() -> list:
+        real = ctx.fraud_process.call_many
+
+        async def counted(todo):
+            calls.append(len(todo))
+            return await real(todo)
+
+        ctx.fraud_process.call_many = counted
+        try:
+            failed = await ctx.fraud_batch(batch(0, 60))
+            failed += await ctx.fraud_batch(batch(50, len(values)))  # 50-59 read again: skipped
+            return failed
+        finally:
+            ctx.fraud_process.close()
+
+    failed = asyncio.run(run())
+    assert calls == [60, len(values) - 60]
+    assert [ev.message.offset for ev, _ in failed] == [40] and failed[0][1].startswith("JSONDecodeError")
+    found = [d for d in sent if "tick" not in d]
+    local, local_found = _in_process(settings, messages)
+    assert found == [orjson.loads(a) for a in local_found] and {d["entity"]["user_id"] for d in found} <= farm
+    assert ctx.metrics.value("soundcheck_late_events_total", stream="fraud") == local.late_events + 3
+    assert ctx.processors["fraud"].offsets[3] == len(values) - 1
+    assert any(d.get("tick") == "fraud" for d in sent)
