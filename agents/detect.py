@@ -47,7 +47,7 @@ from soundcheck.kafka.admin import SNAPSHOT_MAX_BYTES, read_latest, snapshot_top
 from soundcheck.pipeline import decode_internal, publish
 
 from .fraud_process import FraudProcess, FraudProcessDied, RemoteFraudStage
-from .ingest import dead_letter
+from .ingest import count_when_sent, dead_letter
 
 log = logging.getLogger(__name__)
 SNAPSHOT_INTERVAL_S = 30.0  # write the snapshots of changed partitions this often (wall time)
@@ -146,7 +146,7 @@ async def stepped(steps: Generator[None, None, Any]) -> Any:
 
 
 FRAUD_BATCH = 256  # fraud messages handed to the fraud process in one round trip, at most
-FRAUD_BATCH_WAIT_S = 0.005  # how long a batch waits for more messages once it has one
+FRAUD_BATCH_WAIT_S = 0.005  # Faust's take_events interval: a batch is handed on at most this long after the last one
 
 
 def fraud_process_died(name: str, exc: BaseException) -> None:
@@ -214,8 +214,7 @@ def register(app: faust.App, ctx: Any) -> None:
                 ticks[(partition, stream)] = t
                 value = orjson.dumps({"tick": stream, "source": partition, "event_time": t})
                 for target in range(n_anomalies):
-                    await anomalies_topic.send(value=value, partition=target)
-                m.internal_sent.labels(kind="ticks").inc(n_anomalies)
+                    count_when_sent(await anomalies_topic.send(value=value, partition=target), m.internal_sent.labels(kind="ticks"))
 
     async def handle(holder: UnitHolder, part: int, offset: int, value: bytes) -> None:
         """One message of the aggregates or fraud topic into its partition's unit (skipped if the
@@ -252,8 +251,12 @@ def register(app: faust.App, ctx: Any) -> None:
         a message (stage 1 sends each fraud partition a message about twice a second per input
         partition). Returns the (event, reason) of the messages that failed in the child."""
         async with holder.lock:
-            todo = [(ev, ev.message.partition, ev.message.offset) for ev in events]
-            todo = [(ev, part, offset, holder.get(part)) for ev, part, offset in todo if not holder.seen(part, offset)]
+            todo, taken = [], set()
+            for ev in events:  # each message once, even if a seek delivered it twice in one batch
+                part, offset = ev.message.partition, ev.message.offset
+                if not holder.seen(part, offset) and (part, offset) not in taken:
+                    taken.add((part, offset))
+                    todo.append((ev, part, offset, holder.get(part)))
             if not todo:
                 return []
             units = {part: unit for _, part, _, unit in todo}
@@ -262,21 +265,27 @@ def register(app: faust.App, ctx: Any) -> None:
             late = {part: unit.late_events for part, unit in units.items()}
             results = await proc.call_many([(unit.sid, "message", (ev.value,)) for ev, _, _, unit in todo])
             found: dict[int, list] = {part: [] for part in units}
+            handled: dict[int, list] = {part: [] for part in units}
             failed = []
             for (ev, part, offset, unit), (ok, out, fields) in zip(todo, results):
                 unit.mirror(fields)
                 if ok:
                     found[part] += out
+                    handled[part].append(ev)
                     holder.done(part, offset)
                 else:
                     failed.append((ev, f"{out[0]}: {out[1]}"))
             for part, unit in units.items():
                 if unit.late_events > late[part]:
                     m.late_events.labels(stream="fraud").inc(unit.late_events - late[part])
-                await emit(found[part], part, unit)
+                try:
+                    await emit(found[part], part, unit)
+                except Exception as exc:  # as in handle(): the messages whose anomalies were not sent are dead-lettered
+                    log.exception("agent soundcheck.fraud: sending the anomalies of partition %s failed", part)
+                    failed += [(ev, f"sending its anomalies failed: {type(exc).__name__}: {exc}") for ev in handled[part]]
         return failed
 
-    ctx.fraud_batch = lambda events: handle_remote(fraud, events)
+    ctx.fraud_batch = (lambda events: handle_remote(fraud, events)) if settings.worker.fraud_process else None
     holders = {"aggregates": agg, "fraud": fraud}
     keeper.replay = lambda role, part, offset, value: handle(holders[role], part, offset, value)
 

@@ -87,6 +87,15 @@ async def input_lags(consumer: Any, next_offset: dict[Any, int]) -> dict[Any, in
     return consumer_lags(highwaters, positions)
 
 
+
+def count_when_sent(fut: Any, counter: Any) -> None:
+    """Count a message the broker acknowledged (``fut``: the producer's future for it); one that
+    failed or was cancelled is not counted (it is sent again, or its batch is read again)."""
+    if not hasattr(fut, "add_done_callback"):  # already sent
+        counter.inc()
+        return
+    fut.add_done_callback(lambda f: f.cancelled() or f.exception() is not None or counter.inc())
+
 def register(app: faust.App, ctx: Any) -> None:
     """Start an :class:`IngestService` with the app (``ctx.ingest``: the stages by stream)."""
     settings, m = ctx.settings, ctx.metrics
@@ -328,7 +337,7 @@ def register(app: faust.App, ctx: Any) -> None:
             out = []
             for a in msgs:
                 fut = await self.producer.send(internal[a.topic], a.value, partition=a.partition)
-                fut.add_done_callback(lambda f, kind=a.topic: f.cancelled() or f.exception() or m.internal_sent.labels(kind=kind).inc())
+                count_when_sent(fut, m.internal_sent.labels(kind=a.topic))
                 out.append(fut)
             return out
 

@@ -62,11 +62,15 @@ class WorkerProcess:
         except Exception:
             return -1.0
 
-    def drained(self) -> bool:
+    def drained(self, m: Optional[dict[str, float]] = None) -> bool:
         """No window open in stage 1, every message between the stages (partials, fraud rows,
         event-time ticks) read by the next, and every anomaly stage 2 emitted taken in by the
-        alerting stage (one worker: its own counters say what it sent and read)."""
-        m = self.metrics()
+        alerting stage (one worker: its own counters say what it sent and read). ``m``: the
+        worker's metrics if already fetched; a worker that does not answer is not drained."""
+        try:
+            m = self.metrics() if m is None else m
+        except Exception:
+            return False
         total = lambda prefix: sum(v for k, v in m.items() if k.startswith(prefix))  # noqa: E731
         kinds = {k.split('kind="', 1)[1].split('"', 1)[0] for k in m if k.startswith("soundcheck_internal_sent_total{")}
         in_flight = [kind for kind in kinds if total(f'soundcheck_internal_read_total{{kind="{kind}"}}')
@@ -85,7 +89,11 @@ class WorkerProcess:
 
         def settled() -> bool:
             nonlocal last, since
-            now = tuple(self.metric_sum(k) for k in keys) + (self.drained(),)
+            try:
+                m = self.metrics()
+            except Exception:
+                return False
+            now = tuple(sum(v for k, v in m.items() if k == key or k.startswith(key + "{")) for key in keys) + (self.drained(m),)
             if now != last:
                 last, since = now, time.monotonic()
             return bool(now[-1]) and time.monotonic() - since >= quiet_s
