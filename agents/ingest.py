@@ -87,7 +87,6 @@ async def input_lags(consumer: Any, next_offset: dict[Any, int]) -> dict[Any, in
     return consumer_lags(highwaters, positions)
 
 
-
 def count_when_sent(fut: Any, counter: Any) -> None:
     """Count a message the broker acknowledged (``fut``: the producer's future for it); one that
     failed or was cancelled is not counted (it is sent again, or its batch is read again)."""
@@ -95,6 +94,7 @@ def count_when_sent(fut: Any, counter: Any) -> None:
         counter.inc()
         return
     fut.add_done_callback(lambda f: f.cancelled() or f.exception() is not None or counter.inc())
+
 
 def register(app: faust.App, ctx: Any) -> None:
     """Start an :class:`IngestService` with the app (``ctx.ingest``: the stages by stream)."""
