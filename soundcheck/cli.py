@@ -135,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     en.add_argument("--out", required=True, help="results folder: <category>/soundcheck_<file>.csv")
     en.add_argument("--windows", help="NAB labels JSON (combined_windows.json): also print the NAB scores")
     en.add_argument("--profiles", help="NAB scoring profiles JSON (default: the standard NAB weights)")
+    en.add_argument("--nested", metavar="SETTING=V1,V2,...",
+                    help="also choose this series-detector setting on three categories and score the fourth "
+                         "(nested leave-one-category-out), e.g. z_min=2,2.25,2.5,2.75,3; needs --windows")
     en.set_defaults(func=lambda a: __import__("soundcheck.evaluation.nab", fromlist=["cli_main"]).cli_main(a))
     es = esub.add_parser("scenarios", help="run the simulator's scenarios through detection and alerting, no broker")
     es.add_argument("--seeds", default="1,2,3", help="simulator seeds: 1,2,3 or 100-119 (default 1,2,3); tune on 1-10, report on 100-119")

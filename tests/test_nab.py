@@ -253,3 +253,63 @@ def test_a_fixed_threshold_scores_as_the_sweep_does_and_leave_one_category_out_u
             train = {k: v for k, v in results.items() if not k.startswith(cat + "/")}
             assert fold["threshold"] == nab.score_corpus(train, windows, {p: nab.load_profiles(None)[p]})[p].threshold
         assert r["score"] != whole[p].score
+
+
+def _reference(shared: Path, windows: dict, detector: str) -> dict:
+    results = {}
+    for name in windows:
+        cat, _, fname = name.rpartition("/")
+        results[name] = nab.read_scores(shared / "reference" / detector / cat / f"{detector}_{fname}")
+    return results
+
+
+def test_nested_leave_one_category_out_chooses_the_setting_on_the_other_categories_only(shared: Path, windows: dict) -> None:
+    by_setting = {d: _reference(shared, windows, d) for d in sorted(REFERENCE)}
+    profiles = nab.load_profiles(None)
+    # one setting: the plain leave-one-category-out
+    for d, res in by_setting.items():
+        one, plain = nab.nested_leave_one_category_out({d: res}, windows), nab.leave_one_category_out(res, windows)
+        assert {p: r["score"] for p, r in one.items()} == pytest.approx({p: r["score"] for p, r in plain.items()})
+    nested = nab.nested_leave_one_category_out(by_setting, windows)
+    chose = set()
+    for p, r in nested.items():
+        raw_sum = null_sum = perfect_sum = 0.0
+        for cat, fold in r["folds"].items():
+            train_scores = {}
+            for d, res in by_setting.items():
+                train = {k: v for k, v in res.items() if not k.startswith(cat + "/")}
+                train_scores[d] = nab.score_corpus(train, windows, {p: profiles[p]})[p]
+            best = max(train_scores, key=lambda d: train_scores[d].score)
+            assert fold["setting"] == best and fold["threshold"] == train_scores[best].threshold
+            assert fold["train_score"] == pytest.approx(train_scores[best].score)
+            test = {k: v for k, v in by_setting[best].items() if k.startswith(cat + "/")}
+            raw, null, perfect = nab.raw_at(test, windows, profiles[p], fold["threshold"])
+            assert fold["raw"] == pytest.approx(raw)
+            raw_sum, null_sum, perfect_sum = raw_sum + raw, null_sum + null, perfect_sum + perfect
+            chose.add(best)
+        assert r["score"] == pytest.approx(100 * (raw_sum - null_sum) / (perfect_sum - null_sum))
+    assert chose == {"numenta"}  # HTM scores better on every three categories than the windowed Gaussian
+    with pytest.raises(nab.NabError, match="same files"):
+        nab.nested_leave_one_category_out({"a": by_setting["numenta"], "b": dict(list(by_setting["numenta"].items())[:3])}, windows)
+
+
+def test_nested_grid_parsing_and_cli(shared: Path, windows: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert nab.parse_grid("z_min=2,2.5") == ("z_min", [2.0, 2.5])
+    assert nab.parse_grid("refractory=100,200") == ("refractory", [100, 200])
+    for bad, why in (("z_min", "expected"), ("nope=1,2", "expected"), ("scales=1", "expected"), ("z_min=a", "numbers"),
+                     ("z_min=2,2", "distinct"), ("refractory=1.5", "whole numbers")):
+        with pytest.raises(nab.NabError, match=why):
+            nab.parse_grid(bad)
+    data = _copy_small(shared, tmp_path)
+    labels = tmp_path / "labels.json"
+    labels.write_text(__import__("json").dumps({k: windows[k] for k in SMALL}))
+    args = Namespace(data=str(data), out=str(tmp_path / "out"), windows=str(labels), profiles=None, nested="z_min=2.5,3")
+    assert nab.cli_main(args) == 0
+    out = capsys.readouterr().out
+    assert "nested leave-one-category-out: z_min and the threshold" in out and "z_min=3: standard whole" in out
+    report = nab.run(data, tmp_path / "out2", {k: windows[k] for k in SMALL}, progress=None, nested=("z_min", [2.5]))
+    # the grid's one value is the default: its scores are the run's own
+    assert report["grid"][2.5]["standard"]["whole"] == pytest.approx(report["scores"]["standard"].score)
+    assert report["nested"]["standard"]["score"] == pytest.approx(report["loco"]["standard"]["score"])
+    args.windows, args.nested = None, "z_min=2"
+    assert nab.cli_main(args) == 2 and "needs --windows" in capsys.readouterr().err

@@ -372,6 +372,78 @@ def leave_one_category_out(
     return out
 
 
+def nested_leave_one_category_out(
+    results_by_setting: Mapping[Any, Mapping[str, tuple[Sequence[str], np.ndarray]]],
+    windows: Mapping[str, Sequence[tuple[str, str]]],
+    profiles: Optional[Mapping[str, Mapping[str, float]]] = None,
+) -> dict[str, dict[str, Any]]:
+    """:func:`leave_one_category_out` when a detector setting is tuned too: ``results_by_setting``
+    holds the results of each candidate setting (in the order to prefer on ties). Per profile and
+    category, the setting and the threshold that score best on the other three categories are
+    applied to it; the held-out raw scores add up to one normalised score. With one setting this
+    is :func:`leave_one_category_out`."""
+    profiles = load_profiles(None) if profiles is None else profiles
+    settings = list(results_by_setting)
+    if not settings:
+        raise NabError("nested leave-one-category-out needs at least one setting")
+    names = set(results_by_setting[settings[0]])
+    if any(set(r) != names for r in results_by_setting.values()):
+        raise NabError("every setting needs results for the same files")
+    cats = sorted({name.rpartition("/")[0] for name in names})
+    if len(cats) < 2:
+        raise NabError("leave-one-category-out needs files of at least two categories")
+    out: dict[str, dict[str, Any]] = {}
+    for pname, prof in profiles.items():
+        folds, raw_sum, null_sum, perfect_sum = {}, 0.0, 0.0, 0.0
+        for cat in cats:
+            best = None
+            for setting in settings:
+                train = {k: v for k, v in results_by_setting[setting].items() if k.rpartition("/")[0] != cat}
+                sc = score_corpus(train, {k: windows.get(k, []) for k in train}, {pname: prof})[pname]
+                if best is None or sc.score > best[0]:
+                    best = (sc.score, setting, sc.threshold)
+            train_score, setting, thr = best
+            test = {k: v for k, v in results_by_setting[setting].items() if k.rpartition("/")[0] == cat}
+            raw, null, perfect = raw_at(test, windows, prof, thr)
+            raw_sum, null_sum, perfect_sum = raw_sum + raw, null_sum + null, perfect_sum + perfect
+            folds[cat] = {"setting": setting, "threshold": thr, "train_score": train_score, "raw": raw,
+                          "score": 100.0 * (raw - null) / (perfect - null) if perfect != null else None}
+        denom = perfect_sum - null_sum
+        out[pname] = {"score": 100.0 * (raw_sum - null_sum) / denom if denom else 0.0, "folds": folds}
+    return out
+
+
+def parse_grid(text: str) -> tuple[str, list[float]]:
+    """``"z_min=2,2.5,3"`` -> ``("z_min", [2.0, 2.5, 3.0])``: a :class:`SeriesDetector` setting and
+    the values to choose it from.
+
+    >>> parse_grid("z_min=2, 2.5,3")
+    ('z_min', [2.0, 2.5, 3.0])
+    """
+    import inspect
+
+    from soundcheck.detectors.series import SeriesDetector
+
+    name, sep, values = text.partition("=")
+    name = name.strip()
+    params = {k: p.default for k, p in inspect.signature(SeriesDetector.__init__).parameters.items()
+              if k != "self" and type(p.default) in (int, float)}
+    if not sep or name not in params:
+        raise NabError(f"--nested {text!r}: expected <setting>=<v1>,<v2>,... with a numeric SeriesDetector setting "
+                       f"({', '.join(params)})")
+    try:
+        vals = [float(v) for v in values.split(",") if v.strip()]
+    except ValueError:
+        raise NabError(f"--nested {text!r}: the values must be numbers") from None
+    if not vals or len(set(vals)) != len(vals):
+        raise NabError(f"--nested {text!r}: give distinct values, at least one")
+    if isinstance(params[name], int):
+        if not all(v.is_integer() for v in vals):
+            raise NabError(f"--nested {text!r}: {name} takes whole numbers")
+        vals = [int(v) for v in vals]
+    return name, vals
+
+
 def score_folder(
     results_dir: str | Path,
     windows: Mapping[str, Sequence[tuple[str, str]]],
@@ -429,10 +501,15 @@ def run(
     profiles: Optional[str | Path | Mapping[str, Mapping[str, float]]] = None,
     progress: Optional[Callable[[int, int, str], None]] = _stderr_progress,
     detector_factory: Optional[Callable[[], Any]] = None,
+    nested: Optional[tuple[str, Sequence[float]]] = None,
 ) -> dict[str, Any]:
     """Run the detector over every CSV file under ``data_dir``, write results, optionally score.
 
-    Returns ``{"files", "rows", "seconds", "rows_per_s", "scores": {profile: ProfileScore} | None}``.
+    Returns ``{"files", "rows", "seconds", "rows_per_s", "scores": {profile: ProfileScore} | None}``,
+    with ``"loco"`` (:func:`leave_one_category_out`) when the labelled files span two categories;
+    ``nested=(setting, values)`` also runs the series detector once per value of that setting
+    (progress on stderr) and adds ``"nested"`` (:func:`nested_leave_one_category_out`) and
+    ``"grid"``: per value, its whole-slice and leave-one-category-out scores.
     """
     series = find_series(data_dir)
     if windows is not None and not isinstance(windows, Mapping):
@@ -476,12 +553,40 @@ def run(
         report["scores"] = score_corpus(scored, labelled, profiles)
         if len({k.rpartition("/")[0] for k in scored}) >= 2:
             report["loco"] = leave_one_category_out(scored, labelled, profiles)
+            if nested is not None:
+                report["nested"], report["grid"] = _nested(inputs, labelled, profiles, nested, progress)
     return report
+
+
+def _nested(inputs: Sequence[tuple[str, list[str], np.ndarray]], labelled: Mapping[str, Sequence[tuple[str, str]]],
+            profiles: Mapping[str, Mapping[str, float]], nested: tuple[str, Sequence[float]],
+            progress: Optional[Callable[[int, int, str], None]]) -> tuple[dict[str, Any], dict[float, dict[str, Any]]]:
+    from soundcheck.detectors.series import SeriesDetector
+
+    setting, values = nested
+    by_value: dict[float, dict[str, tuple[list[str], np.ndarray]]] = {}
+    todo = [(name, ts, v) for name, ts, v in inputs if name in labelled]
+    for j, value in enumerate(values, start=1):
+        res = {}
+        for i, (name, ts, v) in enumerate(todo, start=1):
+            if progress:
+                progress(i, len(todo), f"{setting}={value:g} ({j}/{len(values)}): {name}")
+            res[name] = (ts, np.round(detect_series(ts, v, lambda: SeriesDetector(**{setting: value})), 6))
+        by_value[value] = res
+    grid = {}
+    for value, res in by_value.items():
+        whole, loco = score_corpus(res, labelled, profiles), leave_one_category_out(res, labelled, profiles)
+        grid[value] = {p: {"whole": whole[p].score, "loco": loco[p]["score"]} for p in profiles}
+    return nested_leave_one_category_out(by_value, labelled, profiles), grid
 
 
 def cli_main(args: Any) -> int:
     try:
-        report = run(args.data, args.out, getattr(args, "windows", None), getattr(args, "profiles", None))
+        grid = getattr(args, "nested", None)
+        nested = parse_grid(grid) if grid else None
+        if nested is not None and not getattr(args, "windows", None):
+            raise NabError("--nested needs --windows (the labels to score with)")
+        report = run(args.data, args.out, getattr(args, "windows", None), getattr(args, "profiles", None), nested=nested)
     except NabError as exc:
         print(f"soundcheck eval nab: {exc}", file=sys.stderr)
         return 2
@@ -517,5 +622,20 @@ def cli_main(args: Any) -> int:
                               for c, f in loco[n]["folds"].items())
             gap = scores[n].score - loco[n]["score"]
             print(f"  {n}: {loco[n]['score']:.2f} overall, {gap:.2f} below the whole-slice score"
+                  f"{' (more than 5: fitted to the slice)' if gap > 5 else ''}; {folds}")
+    nested = report.get("nested")
+    if nested:
+        setting, values = parse_grid(args.nested)
+        print()
+        print(f"nested leave-one-category-out: {setting} and the threshold chosen on the other three categories "
+              f"({setting} from {', '.join(f'{v:g}' for v in values)})")
+        for v, figs in report["grid"].items():
+            print(f"  {setting}={v:g}: " + "; ".join(f"{n} whole {figs[n]['whole']:.2f}, leave-one-category-out {figs[n]['loco']:.2f}"
+                                                 for n in names))
+        for n in names:
+            folds = "; ".join(f"{c} {setting}={f['setting']:g}" + (f" {f['score']:.1f}" if f["score"] is not None else f" raw {f['raw']:.2f}")
+                              for c, f in nested[n]["folds"].items())
+            gap = scores[n].score - nested[n]["score"]
+            print(f"  {n}: {nested[n]['score']:.2f} overall, {gap:.2f} below the whole-slice score"
                   f"{' (more than 5: fitted to the slice)' if gap > 5 else ''}; {folds}")
     return 0
