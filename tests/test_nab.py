@@ -289,15 +289,31 @@ def test_nested_leave_one_category_out_chooses_the_setting_on_the_other_categori
             chose.add(best)
         assert r["score"] == pytest.approx(100 * (raw_sum - null_sum) / (perfect_sum - null_sum))
     assert chose == {"numenta"}  # HTM scores better on every three categories than the windowed Gaussian
+    # a setting perfect on one category only: no better than numenta without that category (numenta,
+    # first, wins the tie), better on every other fold, whose held-out category is not the perfect one
+    cat = "realKnownCause"
+    perfect = {}
+    for name, (ts, sc) in by_setting["numenta"].items():
+        if name.startswith(cat + "/"):
+            lay = nab.file_layout(ts, windows[name])
+            sc = (lay.window >= 0).astype(float)
+        perfect[name] = (ts, sc)
+    folds = nab.nested_leave_one_category_out({"numenta": by_setting["numenta"], "perfect": perfect}, windows,
+                                              {"standard": profiles["standard"]})["standard"]["folds"]
+    assert {c: f["setting"] for c, f in folds.items()} == {c: "numenta" if c == cat else "perfect" for c in folds}
     with pytest.raises(nab.NabError, match="same files"):
         nab.nested_leave_one_category_out({"a": by_setting["numenta"], "b": dict(list(by_setting["numenta"].items())[:3])}, windows)
 
 
 def test_nested_grid_parsing_and_cli(shared: Path, windows: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from soundcheck.detectors.series import SeriesDetector
+
     assert nab.parse_grid("z_min=2,2.5") == ("z_min", [2.0, 2.5])
-    assert nab.parse_grid("refractory=100,200") == ("refractory", [100, 200])
-    for bad, why in (("z_min", "expected"), ("nope=1,2", "expected"), ("scales=1", "expected"), ("z_min=a", "numbers"),
-                     ("z_min=2,2", "distinct"), ("refractory=1.5", "whole numbers")):
+    name, vals = nab.parse_grid("refractory=100,200")
+    assert (name, vals) == ("refractory", [100, 200]) and all(type(v) is int for v in vals)
+    for bad, why in (("z_min", "expected"), ("nope=1,2", "expected"), ("scales=1", "expected"), ("weekly=0,1", "expected"),
+                     ("z_min=a", "numbers"), ("z_min=nan,1", "finite"), ("z_min=2,2", "distinct"),
+                     ("refractory=1.5", "whole numbers")):
         with pytest.raises(nab.NabError, match=why):
             nab.parse_grid(bad)
     data = _copy_small(shared, tmp_path)
@@ -307,9 +323,13 @@ def test_nested_grid_parsing_and_cli(shared: Path, windows: dict, tmp_path: Path
     assert nab.cli_main(args) == 0
     out = capsys.readouterr().out
     assert "nested leave-one-category-out: z_min and the threshold" in out and "z_min=3: standard whole" in out
-    report = nab.run(data, tmp_path / "out2", {k: windows[k] for k in SMALL}, progress=None, nested=("z_min", [2.5]))
+    default = SeriesDetector().z_min
+    report = nab.run(data, tmp_path / "out2", {k: windows[k] for k in SMALL}, progress=None, nested=("z_min", [default]))
     # the grid's one value is the default: its scores are the run's own
-    assert report["grid"][2.5]["standard"]["whole"] == pytest.approx(report["scores"]["standard"].score)
+    assert report["grid"][default]["standard"]["whole"] == pytest.approx(report["scores"]["standard"].score)
     assert report["nested"]["standard"]["score"] == pytest.approx(report["loco"]["standard"]["score"])
     args.windows, args.nested = None, "z_min=2"
     assert nab.cli_main(args) == 2 and "needs --windows" in capsys.readouterr().err
+    one = {SMALL[0]: windows[SMALL[0]]}  # a single category: nothing to hold out
+    with pytest.raises(nab.NabError, match="at least two categories"):
+        nab.run(data, tmp_path / "out3", one, progress=None, nested=("z_min", [default]))

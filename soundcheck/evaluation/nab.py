@@ -23,6 +23,7 @@ The scorer reproduces the published figures of the reference detectors (``tests/
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import math
 import sys
@@ -208,10 +209,19 @@ def _window_rows(times: np.ndarray, start: str, end: str) -> tuple[int, int] | N
     return (lo, hi) if hi >= lo else None
 
 
+@functools.lru_cache(maxsize=128)
+def _times(timestamps: tuple[str, ...]) -> np.ndarray:
+    """The parsed timestamps of a file (read-only; cached: scoring many thresholds, folds and
+    settings parses the same files again and again)."""
+    times = np.array([np.datetime64(_parse_time(t)) for t in timestamps], dtype="datetime64[us]")
+    times.flags.writeable = False
+    return times
+
+
 def file_layout(timestamps: Sequence[str], windows: Iterable[tuple[str, str]]) -> FileLayout:
     """Row roles for one file: which window a row is in, its TP and FP value, whether it is scored."""
     n = len(timestamps)
-    times = np.array([np.datetime64(_parse_time(t)) for t in timestamps], dtype="datetime64[us]")
+    times = _times(tuple(timestamps))
     window = np.full(n, -1, dtype=np.int64)
     tp = np.zeros(n)
     fp = np.full(n, -1.0)
@@ -392,14 +402,17 @@ def nested_leave_one_category_out(
     cats = sorted({name.rpartition("/")[0] for name in names})
     if len(cats) < 2:
         raise NabError("leave-one-category-out needs files of at least two categories")
+    # the best threshold of every setting on every three categories, for all profiles at once
+    trained = {(cat, setting): score_corpus(train, {k: windows.get(k, []) for k in train}, profiles)
+               for cat in cats for setting in settings
+               for train in [{k: v for k, v in results_by_setting[setting].items() if k.rpartition("/")[0] != cat}]}
     out: dict[str, dict[str, Any]] = {}
     for pname, prof in profiles.items():
         folds, raw_sum, null_sum, perfect_sum = {}, 0.0, 0.0, 0.0
         for cat in cats:
             best = None
-            for setting in settings:
-                train = {k: v for k, v in results_by_setting[setting].items() if k.rpartition("/")[0] != cat}
-                sc = score_corpus(train, {k: windows.get(k, []) for k in train}, {pname: prof})[pname]
+            for setting in settings:  # the first of equals wins
+                sc = trained[(cat, setting)][pname]
                 if best is None or sc.score > best[0]:
                     best = (sc.score, setting, sc.threshold)
             train_score, setting, thr = best
@@ -435,6 +448,8 @@ def parse_grid(text: str) -> tuple[str, list[float]]:
         vals = [float(v) for v in values.split(",") if v.strip()]
     except ValueError:
         raise NabError(f"--nested {text!r}: the values must be numbers") from None
+    if not all(math.isfinite(v) for v in vals):
+        raise NabError(f"--nested {text!r}: the values must be finite numbers")
     if not vals or len(set(vals)) != len(vals):
         raise NabError(f"--nested {text!r}: give distinct values, at least one")
     if isinstance(params[name], int):
@@ -489,7 +504,7 @@ def detect_series(timestamps: Sequence[str], values: np.ndarray, detector_factor
 
 def _stderr_progress(i: int, n: int, name: str) -> None:
     if sys.stderr.isatty():
-        print(f"\rfile {i}/{n} {name[:70]:<70}", end="" if i < n else "\n", file=sys.stderr, flush=True)
+        print(f"\rfile {i}/{n} {name[:100]:<100}", end="" if i < n else "\n", file=sys.stderr, flush=True)
     else:
         print(f"file {i}/{n} {name}", file=sys.stderr, flush=True)
 
@@ -511,6 +526,8 @@ def run(
     (progress on stderr) and adds ``"nested"`` (:func:`nested_leave_one_category_out`) and
     ``"grid"``: per value, its whole-slice and leave-one-category-out scores.
     """
+    if nested is not None and (windows is None or detector_factory is not None):
+        raise NabError("--nested needs --windows (the labels to score with), and the series detector's own settings")
     series = find_series(data_dir)
     if windows is not None and not isinstance(windows, Mapping):
         windows = load_windows(windows)
@@ -555,6 +572,8 @@ def run(
             report["loco"] = leave_one_category_out(scored, labelled, profiles)
             if nested is not None:
                 report["nested"], report["grid"] = _nested(inputs, labelled, profiles, nested, progress)
+        elif nested is not None:
+            raise NabError("--nested needs labelled files of at least two categories (folders under --data)")
     return report
 
 
@@ -633,9 +652,10 @@ def cli_main(args: Any) -> int:
             print(f"  {setting}={v:g}: " + "; ".join(f"{n} whole {figs[n]['whole']:.2f}, leave-one-category-out {figs[n]['loco']:.2f}"
                                                  for n in names))
         for n in names:
-            folds = "; ".join(f"{c} {setting}={f['setting']:g}" + (f" {f['score']:.1f}" if f["score"] is not None else f" raw {f['raw']:.2f}")
+            folds = "; ".join(f"{c} {setting}={f['setting']:g}"
+                              + (f" {f['score']:.1f}" if f["score"] is not None else f" raw {f['raw']:.2f} (no windows)")
                               for c, f in nested[n]["folds"].items())
             gap = scores[n].score - nested[n]["score"]
-            print(f"  {n}: {nested[n]['score']:.2f} overall, {gap:.2f} below the whole-slice score"
+            print(f"  {n}: {nested[n]['score']:.2f} overall, {gap:.2f} below the whole-slice score of the default setting"
                   f"{' (more than 5: fitted to the slice)' if gap > 5 else ''}; {folds}")
     return 0
