@@ -361,25 +361,9 @@ def leave_one_category_out(
 ) -> dict[str, dict[str, Any]]:
     """Per profile: the threshold chosen on three categories and scored on the fourth, for each
     category in turn; the held-out raw scores add up to one normalised score over the whole slice,
-    comparable with :func:`score_corpus`'s (where the threshold is chosen on the data it is scored on)."""
-    profiles = load_profiles(None) if profiles is None else profiles
-    cats = sorted({name.rpartition("/")[0] for name in results})
-    if len(cats) < 2:
-        raise NabError("leave-one-category-out needs files of at least two categories")
-    out: dict[str, dict[str, Any]] = {}
-    for pname, prof in profiles.items():
-        folds, raw_sum, null_sum, perfect_sum = {}, 0.0, 0.0, 0.0
-        for cat in cats:
-            train = {k: v for k, v in results.items() if k.rpartition("/")[0] != cat}
-            test = {k: v for k, v in results.items() if k.rpartition("/")[0] == cat}
-            thr = score_corpus(train, {k: windows.get(k, []) for k in train}, {pname: prof})[pname].threshold
-            raw, null, perfect = raw_at(test, windows, prof, thr)
-            raw_sum, null_sum, perfect_sum = raw_sum + raw, null_sum + null, perfect_sum + perfect
-            folds[cat] = {"threshold": thr, "raw": raw,  # (a category without windows has no normalised score)
-                          "score": 100.0 * (raw - null) / (perfect - null) if perfect != null else None}
-        denom = perfect_sum - null_sum
-        out[pname] = {"score": 100.0 * (raw_sum - null_sum) / denom if denom else 0.0, "folds": folds}
-    return out
+    comparable with :func:`score_corpus`'s (where the threshold is chosen on the data it is scored on).
+    (:func:`nested_leave_one_category_out` with one setting.)"""
+    return nested_leave_one_category_out({None: results}, windows, profiles)
 
 
 def nested_leave_one_category_out(
@@ -390,8 +374,9 @@ def nested_leave_one_category_out(
     """:func:`leave_one_category_out` when a detector setting is tuned too: ``results_by_setting``
     holds the results of each candidate setting (in the order to prefer on ties). Per profile and
     category, the setting and the threshold that score best on the other three categories are
-    applied to it; the held-out raw scores add up to one normalised score. With one setting this
-    is :func:`leave_one_category_out`."""
+    applied to it; the held-out raw scores add up to one normalised score. Each fold gives its
+    ``setting``, ``threshold``, ``train_score``, held-out ``raw`` and normalised ``score`` (None for
+    a category without windows)."""
     profiles = load_profiles(None) if profiles is None else profiles
     settings = list(results_by_setting)
     if not settings:
@@ -602,10 +587,10 @@ def _nested(inputs: Sequence[tuple[str, list[str], np.ndarray]], labelled: Mappi
 def cli_main(args: Any) -> int:
     try:
         grid = getattr(args, "nested", None)
-        nested = parse_grid(grid) if grid else None
-        if nested is not None and not getattr(args, "windows", None):
+        grid_spec = parse_grid(grid) if grid else None
+        if grid_spec is not None and not getattr(args, "windows", None):
             raise NabError("--nested needs --windows (the labels to score with)")
-        report = run(args.data, args.out, getattr(args, "windows", None), getattr(args, "profiles", None), nested=nested)
+        report = run(args.data, args.out, getattr(args, "windows", None), getattr(args, "profiles", None), nested=grid_spec)
     except NabError as exc:
         print(f"soundcheck eval nab: {exc}", file=sys.stderr)
         return 2
@@ -643,8 +628,8 @@ def cli_main(args: Any) -> int:
             print(f"  {n}: {loco[n]['score']:.2f} overall, {gap:.2f} below the whole-slice score"
                   f"{' (more than 5: fitted to the slice)' if gap > 5 else ''}; {folds}")
     nested = report.get("nested")
-    if nested:
-        setting, values = parse_grid(args.nested)
+    if nested and grid_spec is not None:
+        setting, values = grid_spec
         print()
         print(f"nested leave-one-category-out: {setting} and the threshold chosen on the other three categories "
               f"({setting} from {', '.join(f'{v:g}' for v in values)})")
