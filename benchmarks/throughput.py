@@ -69,6 +69,7 @@ from aiokafka.partitioner import murmur2
 from soundcheck.kafka import local as kafka_local
 from soundcheck.evaluation.harness import WorkerProcess, worker_env
 from soundcheck.kafka.admin import ensure_topics_async, worker_topics
+from soundcheck.metrics import histogram_buckets, histogram_quantile
 from soundcheck.settings import Settings, load_settings
 from soundcheck.evaluation.simulator import Simulator
 
@@ -549,6 +550,11 @@ class Latency:
     # the window (stage 1's aggregates messages), the anomaly is on the anomalies topic (stage 2),
     # every source's tick has passed it (the alerting clock), the alert is appended
     stages_p50_ms: dict[str, float] = field(default_factory=dict)
+    # the worker's event-loop stalls while the records were sent (soundcheck_event_loop_lag_seconds:
+    # how late a timer due every 10 ms ran): every message handled on the loop waits them out
+    loop_lag_p50_ms: float = float("nan")
+    loop_lag_p99_ms: float = float("nan")
+    loop_lag_share: float = float("nan")  # the stalls' total over the sending time
     error: Optional[str] = None
 
 
@@ -635,7 +641,9 @@ def latency_run(lab: Lab, settings: Settings, bootstrap: str, partitions: int, l
             f"for {LATENCY_DURATION_S} s of event time, incident {LATENCY_PLAN[0]}")
         start = now_ms() + 1000
         sim = Simulator(seed=SEED + 1, rate=lat.sim_rate, duration_s=LATENCY_DURATION_S, start_ms=start, plan=LATENCY_PLAN)
+        before = scrape(proc)
         seconds = asyncio.run(paced_producer(bootstrap, s.topics.inputs(), sim, proc, sent))
+        loop_lag(lat, before, scrape(proc), seconds)
         lat.sent, lat.sent_per_s = len(sent.lags), len(sent.lags) / max(seconds, 1e-9)
         lat.send_lag_p99_ms, lat.send_lag_max_ms = percentile(sent.lags, 99), max(sent.lags, default=float("nan"))
         # let the worker finish what was sent (it should be caught up already), then read the alerts
@@ -678,6 +686,26 @@ def latency_run(lab: Lab, settings: Settings, bootstrap: str, partitions: int, l
     lat.max_ms = max(latencies, default=float("nan"))
     lat.from_send_p50_ms, lat.from_send_p99_ms = percentile(from_send, 50), percentile(from_send, 99)
     lat.stages_p50_ms = {stage: percentile(v, 50) for stage, v in stages.items()}
+
+
+def scrape(proc: WorkerProcess) -> dict[str, float]:
+    """The worker's metrics, or nothing if it does not answer (a figure is then missing, not the run)."""
+    try:
+        return proc.metrics()
+    except Exception as exc:
+        log(f"the worker's metrics could not be read: {type(exc).__name__}: {exc}")
+        return {}
+
+
+def loop_lag(lat: Latency, before: Mapping[str, float], after: Mapping[str, float], seconds: float) -> None:
+    """The worker's event-loop stalls between two scrapes of its metrics into ``lat``."""
+    name = "soundcheck_event_loop_lag_seconds"
+    start = dict(histogram_buckets(before, name))
+    buckets = [(bound, count - start.get(bound, 0.0)) for bound, count in histogram_buckets(after, name)]
+    lat.loop_lag_p50_ms = histogram_quantile(buckets, 0.5) * 1000
+    lat.loop_lag_p99_ms = histogram_quantile(buckets, 0.99) * 1000
+    if name + "_sum" in after:
+        lat.loop_lag_share = (after[name + "_sum"] - before.get(name + "_sum", 0.0)) / max(seconds, 1e-9)
 
 
 def stage_times(internal: Mapping[str, Sequence[Any]], alert: Mapping[str, Any], appended: int) -> dict[str, int]:
@@ -843,6 +871,8 @@ def table(fig: dict[str, Any], settings: Settings) -> str:
             f"  sent {lat['sent']:,} records ({lat['sent_per_s']:,.0f}/s achieved; send lag behind event time p99 "
             f"{lat['send_lag_p99_ms']:,.0f} ms, max {lat['send_lag_max_ms']:,.0f} ms); worker counted {lat['worker_counted']:,.0f}",
             f"  worker: one process; notification grouping off for this run ({', '.join(f'{k}={v}' for k, v in lat['windows_override'].items())})",
+            f"  worker's event loop while sending (soundcheck_event_loop_lag_seconds, a timer due every 10 ms): late p50 "
+            f"{lat['loop_lag_p50_ms']:.1f} ms, p99 {lat['loop_lag_p99_ms']:.1f} ms; stalled {lat['loop_lag_share']:.0%} of the time",
         ]
         excl = ", ".join(f"{n} {why}" for why, n in lat["excluded"].items()) or "none"
         lines.append(f"  alerts on the topic: {lat['alerts_total']}; counted (firing): {lat['alerts_counted']}; left out: {excl}")

@@ -11,11 +11,16 @@ Labels are few and bounded (topic, reason, detector, severity, stream), never an
 
 from __future__ import annotations
 
-from typing import Hashable, Mapping, Optional, TypeVar
+import asyncio
+import time
+from typing import Callable, Hashable, Mapping, Optional, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+# how late a timer due every LOOP_PROBE_S ran: 1 ms (scheduling noise) to 2.5 s (a stuck loop)
+LOOP_LAG_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+LOOP_PROBE_S = 0.01
 BYTES_BUCKETS = tuple(float(2**k) for k in range(10, 25, 2))  # 1 KiB .. 16 MiB
 
 TP = TypeVar("TP", bound=Hashable)
@@ -31,6 +36,67 @@ def consumer_lags(highwaters: Mapping[TP, Optional[int]], positions: Mapping[TP,
     {'a': 3, 'c': 0}
     """
     return {tp: max(0, hw - positions[tp]) for tp, hw in highwaters.items() if hw is not None and positions.get(tp) is not None}
+
+
+async def probe_loop_lag(observe: Callable[[float], None], interval: float = LOOP_PROBE_S,
+                         clock: Callable[[], float] = time.perf_counter) -> None:
+    """Forever: sleep ``interval`` on the running event loop and ``observe`` how much later than
+    due it woke (seconds, >= 0). Whatever else is on the loop (an agent, a callback, a fetch
+    response being parsed) waits as long as the loop was stalled, so these are the stalls every
+    message handled on the loop meets.
+
+    >>> seen = []
+    >>> async def stalled():
+    ...     probe = asyncio.ensure_future(probe_loop_lag(seen.append, 0.01))
+    ...     await asyncio.sleep(0.03)
+    ...     time.sleep(0.2)  # a callback holding the loop for 200 ms
+    ...     await asyncio.sleep(0.03)
+    ...     probe.cancel()
+    >>> asyncio.run(stalled())
+    >>> max(seen) >= 0.15, min(seen) >= 0.0
+    (True, True)
+    """
+    while True:
+        due = clock() + interval
+        await asyncio.sleep(interval)
+        observe(max(0.0, clock() - due))
+
+
+def histogram_buckets(samples: Mapping[str, float], name: str) -> list[tuple[float, float]]:
+    """The cumulative ``(upper bound, count)`` buckets of the unlabelled histogram ``name`` in
+    ``samples`` (``{'name_bucket{le="0.1"}': count}``, as scraped), by bound.
+
+    >>> histogram_buckets({'h_bucket{le="0.1"}': 2.0, 'h_bucket{le="+Inf"}': 5.0, 'h_count': 5.0}, "h")
+    [(0.1, 2.0), (inf, 5.0)]
+    """
+    out = []
+    for key, value in samples.items():
+        if key.startswith(name + '_bucket{le="'):
+            out.append((float(key.split('"')[1]), value))
+    return sorted(out)
+
+
+def histogram_quantile(buckets: list[tuple[float, float]], q: float) -> float:
+    """The ``q`` quantile (0..1) of cumulative ``buckets``, interpolated within its bucket as
+    Prometheus' ``histogram_quantile`` does (the lowest bucket from 0; a quantile in the ``+Inf``
+    bucket is the highest finite bound); NaN without observations.
+
+    >>> histogram_quantile([(0.01, 50.0), (0.1, 90.0), (1.0, 100.0), (float("inf"), 100.0)], 0.5)
+    0.01
+    >>> round(histogram_quantile([(0.01, 50.0), (0.1, 90.0), (1.0, 100.0), (float("inf"), 100.0)], 0.95), 3)
+    0.55
+    """
+    total = buckets[-1][1] if buckets else 0.0
+    if not total:
+        return float("nan")
+    rank, lower, below = q * total, 0.0, 0.0
+    for bound, count in buckets:
+        if count >= rank:
+            if bound == float("inf"):
+                return lower
+            return lower + (bound - lower) * ((rank - below) / (count - below) if count > below else 1.0)
+        lower, below = bound, count
+    return lower
 
 
 class WorkerMetrics:
@@ -101,6 +167,12 @@ class WorkerMetrics:
             "soundcheck_processing_latency_seconds",
             "From a message's Kafka timestamp to the end of its processing, by stream", ["stream"],
             buckets=LATENCY_BUCKETS, registry=registry,
+        )
+        self.loop_lag = Histogram(
+            "soundcheck_event_loop_lag_seconds",
+            f"How late the worker's event loop ran a timer due every {LOOP_PROBE_S:g} s: its stalls, which every "
+            "message handled on the loop (stage 1, the agents, the producer) waits out",
+            buckets=LOOP_LAG_BUCKETS, registry=registry,
         )
         self.tracked_entities = Gauge(
             "soundcheck_tracked_entities", "Entities with detector state in this worker, by detector", ["detector"], registry=registry

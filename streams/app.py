@@ -21,7 +21,7 @@ from prometheus_client import CollectorRegistry
 from soundcheck.alerting.correlate import ServiceGraph
 from soundcheck.ingest.contracts import Contract, load_contracts
 from soundcheck.kafka.security import faust_credentials
-from soundcheck.metrics import WorkerMetrics
+from soundcheck.metrics import WorkerMetrics, probe_loop_lag
 from soundcheck.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -180,6 +180,11 @@ def create_app(settings: Settings, registry: CollectorRegistry | None = None) ->
     alerting.register(app, ctx)
     web.register(app, ctx)
     watchdog.register(app, ctx)
+
+    @app.task
+    async def event_loop_lag() -> None:
+        """``soundcheck_event_loop_lag_seconds``: the event loop's stalls, as every message meets them."""
+        await probe_loop_lag(ctx.metrics.loop_lag.observe)
 
     @app.task
     async def stack_dumps() -> None:

@@ -98,6 +98,8 @@ def test_a_silence_on_the_control_topic_holds_alerts_back(kafka_bootstrap, uniqu
         worker.wait_for(lambda: worker.metric_sum('soundcheck_alert_outcomes_total{outcome="silenced"}') > 0, 120,
                         "an alert to be silenced")
         assert worker.metric_sum('soundcheck_dead_letters_total{reason="schema",topic="' + s.topics.control + '"}') == 1
+        # the event loop's stall probe runs in the worker (about 100 observations a second)
+        assert worker.metric_sum("soundcheck_event_loop_lag_seconds_count") > 100
     finally:
         worker.stop()
     alerts = _alerts(s, until=lambda rs: False, timeout=5)
