@@ -47,7 +47,7 @@ MAX_RECORDS = 20_000  # messages per getmany (2,000, with the yield below: singl
 # a batch lets the event loop run between its input partitions once it has held the loop this long:
 # the agents on the internal topics, the producer and the heartbeats wait out every stall.
 # Measured at 15,000 records/s (bench latency run, soundcheck_event_loop_lag_seconds): p99 42-47 ms
-# with it against 65-94 ms without, throughput unchanged within the machine's noise
+# with it against 65-94 ms without; throughput unchanged within the machine's noise (ARCHITECTURE.md)
 YIELD_AFTER_S = 0.01
 LAG_EVERY_S = 1.0  # report the input consumer's lag (soundcheck_consumer_lag) at most this often
 LAG_POSITION_TIMEOUT_S = 0.05  # a position being reset (after a seek to the beginning) is not waited for
