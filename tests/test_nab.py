@@ -113,6 +113,28 @@ def test_detector_pickle_round_trip(shared: Path) -> None:
     assert a == b
 
 
+
+def test_detector_state_from_before_the_histogram_tops_goes_on_the_same(shared: Path) -> None:
+    """A detector pickled before it kept its histograms' highest bins (``tops``) restores and
+    scores exactly as one that kept them; the quantile starting at the top is a full scan's."""
+    ts, values = _series(shared, SMALL[0])
+    det = SeriesDetector()
+    for t, v in zip(ts[:700], values[:700]):
+        det.update(v, t)
+    old = pickle.loads(pickle.dumps(det))
+    for d in (old, *old.children):
+        del d.tops  # as a snapshot written before the attribute existed
+    assert all("tops" not in d.__dict__ for d in (old, *old.children))
+    a = [det.update(v, t) for t, v in zip(ts[700:], values[700:])]
+    b = [old.update(v, t) for t, v in zip(ts[700:], values[700:])]
+    assert a == b and max(a) > 0.5
+    for d in (det, *det.children):
+        for hist, top in ((d.hist_pred, d.tops[0]), (d.hist_novel, d.tops[1])):
+            assert top == max(k for k, v in enumerate(hist) if v)
+            full = next((0.1 * math.exp(d._bin_log * (k - 1)) for k in range(d._n_bins - 1, 0, -1)
+                         if sum(hist[k:]) > (1.0 - d.q) * d.hist_n), 0.1)
+            assert d._quantile(hist, top) == full
+
 def test_detector_timestamps_and_bad_values() -> None:
     det = SeriesDetector(warmup=0)
     assert det.update(float("nan"), 0) == 0.0

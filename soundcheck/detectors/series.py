@@ -175,6 +175,7 @@ class SeriesDetector:
         self.hist_pred = [0.0] * self._n_bins
         self.hist_novel = [0.0] * self._n_bins
         self.hist_n = 0.0
+        self.tops = [0, 0]  # the highest bin with a count, of each histogram (where a quantile's scan starts)
         # refractory: (row, score) of a monotone deque, for the max of the recent scores
         self.recent: deque = deque()
         self.parts: tuple[float, ...] = (0.0, 0.0, 0.0)  # the last row's calibrated statistics
@@ -222,10 +223,19 @@ class SeriesDetector:
             return 0
         return min(self._n_bins - 1, 1 + int(math.log(z / 0.1) / self._bin_log))
 
-    def _quantile(self, hist: list[float]) -> float:
+    #: state pickled before ``tops`` existed has none: found by one scan of the histograms
+    tops: Optional[list[int]] = None
+
+    @staticmethod
+    def _highest(hist: list[float]) -> int:
+        """The highest bin with a count (0 if none)."""
+        return max((k for k, v in enumerate(hist) if v), default=0)
+
+    def _quantile(self, hist: list[float], top: int) -> float:
+        """The histogram's ``q`` quantile (the lower edge of its bin; bins above ``top`` are empty)."""
         need = (1.0 - self.q) * self.hist_n
         acc = 0.0
-        for k in range(self._n_bins - 1, 0, -1):
+        for k in range(top, 0, -1):
             acc += hist[k]
             if acc > need:
                 return 0.1 * math.exp(self._bin_log * (k - 1))
@@ -272,8 +282,11 @@ class SeriesDetector:
             zn = self.novelty_gain * max(x - hi, lo - x, 0.0) / max(hi - lo, floor)
 
         # calibrate each statistic against its own history
-        e_pred = z / max(self._quantile(self.hist_pred), self.z_min)
-        e_novel = zn / max(self._quantile(self.hist_novel), self.z_min)
+        tops = self.tops
+        if tops is None:
+            tops = self.tops = [self._highest(self.hist_pred), self._highest(self.hist_novel)]
+        e_pred = z / max(self._quantile(self.hist_pred, tops[0]), self.z_min)
+        e_novel = zn / max(self._quantile(self.hist_novel, tops[1]), self.z_min)
         # coarser scales: the children whose block ends at this row
         e_coarse, expected_coarse = 0.0, math.nan
         for block, child in zip(self.blocks, self.children):
@@ -316,9 +329,15 @@ class SeriesDetector:
     def _learn(self, x: float, preds: dict, z: float, zn: float, slot: Optional[list], b: Optional[int], day: Optional[int],
                wslot: Optional[list], wb: Optional[int], week: Optional[int]) -> None:
         self.n += 1
-        self.hist_pred[self._bin(z)] += 1.0
-        self.hist_novel[self._bin(zn)] += 1.0
+        bp, bn = self._bin(z), self._bin(zn)
+        self.hist_pred[bp] += 1.0
+        self.hist_novel[bn] += 1.0
         self.hist_n += 1.0
+        tops = self.tops
+        if bp > tops[0]:
+            tops[0] = bp
+        if bn > tops[1]:
+            tops[1] = bn
         # an anomalous row is learned shrunk to z = clip
         shrink = 1.0 if z < self.clip else self.clip / z
         for m, p in preds.items():
