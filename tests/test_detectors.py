@@ -147,6 +147,36 @@ def test_audio_detector_finds_the_degraded_pop_quickly_and_nothing_before(settin
     assert on_pop[0].node == "cdn" and on_pop[0].sampled_users > 0
 
 
+def test_a_small_markets_degraded_pop_is_judged_on_its_pooled_short_windows(settings):
+    """At 8 events/s the PoP has 1-4 samples a window, under ``min_events_per_window``: its short
+    windows are pooled, so the degradation is found (on the pooled samples, naming how many
+    windows), nothing is found before it, and without pooling nothing is found at all."""
+    from soundcheck.settings import load_settings
+
+    def small():
+        return Simulator(seed=4, rate=8, duration_s=420, start_ms=T0, plan=(("cdn_pop_degradation", 200, 180),))
+
+    sim = small()
+    inc = sim.scenarios[0]
+    pop = inc.details["cdn_pop"]
+    per_window: dict[int, int] = {}
+    for b in sim.ticks():
+        for r in b.records if b.stream == "audio" else ():
+            if r["cdn_pop"] == pop:
+                per_window[r["ts"] // 10_000] = per_window.get(r["ts"] // 10_000, 0) + 1
+    assert max(per_window.values()) < settings.detection["min_events_per_window"]
+    found = feed(AudioQualityDetector(settings), small(), "audio")
+    assert [a for a in found if a.event_time <= inc.start_ms] == []
+    on_pop = [a for a in found if a.entity.get("cdn_pop") == pop]
+    assert on_pop and on_pop[0].event_time - inc.start_ms <= 60_000
+    first = on_pop[0]
+    assert first.details["pooled_windows"] >= 2 and first.samples >= settings.detection["min_events_per_window"]
+    assert first.event_time - first.window_start == first.details["pooled_windows"] * 10_000
+    assert {s.metric for s in first.signals} & {"bitrate_ratio", "buffering_ratio", "buffer_health_percent"}
+    unpooled = load_settings(environ={"SOUNDCHECK__DETECTION__AUDIO__POOL_WINDOWS": "1"})
+    assert [a for a in feed(AudioQualityDetector(unpooled), small(), "audio") if a.entity.get("cdn_pop") == pop] == []
+
+
 def test_behavior_rates_find_a_payment_failure_spike(settings):
     sim = simulate(plan=(("billing_error_spike", 240, 180),))
     sc = sim.scenarios[0]

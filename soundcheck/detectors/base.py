@@ -232,6 +232,12 @@ class WindowedDetector:
             return []
         return self.evaluate(max(a.end for a in self.windows._open.values()))
 
+    def judged(self, agg: WindowAggregate) -> Optional[WindowAggregate]:
+        """The window to judge when ``agg`` closes: ``agg`` itself here; a detector may pool the
+        short windows of a small entity into one (:class:`~soundcheck.detectors.quality.AudioQualityDetector`)
+        or judge none (None)."""
+        return agg
+
     def _findings(self, agg: WindowAggregate) -> list[Finding]:
         """:meth:`findings`, with the window's scored values told to :attr:`history` when set."""
         if self.history is None:
@@ -252,14 +258,15 @@ class WindowedDetector:
                 signals=f.signals,
                 score=anomaly_score(f.signals, self.z_threshold),
                 event_time=agg.end,
-                window_start=agg.start,
+                window_start=w.start,
                 source_topic=self.source_topic,
                 sampled_users=f.sampled_users,
-                samples=agg.count,
+                samples=w.count,
                 details=f.details,
             )
             for agg in closed
-            for f in self._findings(agg)
+            if (w := self.judged(agg)) is not None
+            for f in self._findings(w)
         ]
         if closed:
             self.entities.expire(closed[-1].end)
